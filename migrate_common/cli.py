@@ -1,0 +1,94 @@
+"""Command-line options both daemons share, spelled the way QEMU users expect."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+from migrate_common.log import configure_logging
+from migrate_common.net import Address, parse_address
+from migrate_common.settings import MigrationSettings
+from protocol.errors import ConfigError
+from vm.machine import DEFAULT_DEVICE_OPTIONS, VirtualMachine
+from vm.properties import parse_device_option
+
+__all__ = ["common_parser", "build_vm", "build_settings", "run_main", "qmp_address"]
+
+
+def common_parser(prog: str, description: str, default_qmp: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--qmp", default=default_qmp, metavar="ADDR",
+                        help="QMP management socket: unix:PATH or tcp:HOST:PORT "
+                             f"(default {default_qmp}; TCP only when asked)")
+    parser.add_argument("--uuid", help="VM UUID; both sides must use the same one "
+                                       "(default: all zero, as QEMU without -uuid)")
+    parser.add_argument("--device", action="append", default=[], metavar="OPTS",
+                        help="a device, QEMU -device syntax, e.g. "
+                             "vfio-sim,id=gpu0,state-size=512M (repeatable; default: the "
+                             "embedded VM with 4 devices of 256 MiB)")
+    parser.add_argument("--capability", action="append", default=[], metavar="NAME=on|off",
+                        help="set a migration capability at start (like "
+                             "migrate-set-capabilities), e.g. multifd=on")
+    parser.add_argument("--parameter", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a migration parameter at start, e.g. multifd-channels=4")
+    parser.add_argument("--log-level", default=os.environ.get("MIGRATE_LOG_LEVEL", "info"))
+    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    parser.add_argument("--trace-packets", action="store_true",
+                        help="log every packet on every channel (debug)")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="event loop implementation (default uvloop)")
+    return parser
+
+
+def build_vm(args: argparse.Namespace, role: str) -> VirtualMachine:
+    options = args.device or list(DEFAULT_DEVICE_OPTIONS)
+    configs = [parse_device_option(text) for text in options]
+    vm_uuid = uuid.UUID(args.uuid) if args.uuid else uuid.UUID(int=0)
+    return VirtualMachine(configs, uuid=vm_uuid, role=role)  # type: ignore[arg-type]
+
+
+def build_settings(args: argparse.Namespace) -> MigrationSettings:
+    settings = MigrationSettings()
+    for item in args.capability:
+        name, sep, value = item.partition("=")
+        if not sep or value not in ("on", "off", "true", "false"):
+            raise ConfigError(f"--capability {item!r}: expected NAME=on|off")
+        settings.set_capability(name, value in ("on", "true"))
+    for item in args.parameter:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--parameter {item!r}: expected NAME=VALUE")
+        settings.set_parameter_text(name, value)
+    return settings
+
+
+def qmp_address(args: argparse.Namespace) -> Address:
+    return parse_address(args.qmp)
+
+
+def run_main(args: argparse.Namespace, make: Any) -> int:
+    """Configure logging, pick the loop, build the daemon with ``make()`` and run it."""
+    configure_logging(args.log_level, json=args.log_json, trace_packets=args.trace_packets)
+    try:
+        coro: Coroutine[Any, Any, None] = make()
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.loop == "uvloop":
+            import uvloop
+
+            uvloop.run(coro)
+        else:
+            asyncio.run(coro)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,189 @@
+"""Sockets for both daemons: addresses, connect/listen, and the zero-copy byte movers.
+
+The data path uses raw non-blocking sockets owned by one task each, so received
+bytes land straight in buffers chosen by the sans-I/O decoders
+(``sock_recv_into``) and a packet's header and payload views leave in one
+``sendmsg`` call without being joined first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from protocol.errors import ChannelError, ConfigError
+
+__all__ = [
+    "Address",
+    "parse_address",
+    "connect",
+    "listen",
+    "sendmsg_all",
+    "recv_into",
+    "tune_socket",
+    "address_info",
+]
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A ``tcp:HOST:PORT`` or ``unix:PATH`` address, QEMU style."""
+
+    transport: str  # "tcp" or "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.transport == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+def parse_address(uri: str) -> Address:
+    """Parse ``tcp:HOST:PORT``, ``tcp:[V6]:PORT`` or ``unix:PATH``."""
+    if not isinstance(uri, str) or not uri:
+        raise ConfigError(f"invalid address {uri!r}: expected tcp:HOST:PORT or unix:PATH")
+    kind, sep, rest = uri.partition(":")
+    if not sep:
+        raise ConfigError(f"invalid address {uri!r}: expected tcp:HOST:PORT or unix:PATH")
+    if kind == "unix":
+        if not rest:
+            raise ConfigError(f"invalid address {uri!r}: unix: needs a path")
+        return Address("unix", path=rest)
+    if kind != "tcp":
+        raise ConfigError(f"unsupported transport {kind!r} in {uri!r}: use tcp: or unix:")
+    if rest.startswith("["):
+        host, bracket, port_text = rest[1:].partition("]")
+        if not bracket or not port_text.startswith(":"):
+            raise ConfigError(f"invalid address {uri!r}: expected tcp:[V6ADDR]:PORT")
+        port_text = port_text[1:]
+    else:
+        host, sep, port_text = rest.rpartition(":")
+        if not sep:
+            raise ConfigError(f"invalid address {uri!r}: missing :PORT")
+    if not host:
+        raise ConfigError(f"invalid address {uri!r}: missing host")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"invalid port {port_text!r} in {uri!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} out of range in {uri!r}")
+    return Address("tcp", host=host, port=port)
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Settings every migration socket gets: non-blocking, no Nagle delay."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def connect(addr: Address, timeout: float, what: str = "channel") -> socket.socket:
+    """Open one connection to ``addr`` within ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    try:
+        if addr.transport == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: object = addr.path
+        else:
+            infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
+            family, stype, proto, _, target = infos[0]
+            sock = socket.socket(family, stype, proto)
+    except OSError as exc:
+        raise ChannelError(f"cannot resolve {addr}: {exc}", channel=what) from exc
+    tune_socket(sock)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, target)  # type: ignore[arg-type]
+    except TimeoutError:
+        sock.close()
+        raise ChannelError(f"{what}: connecting to {addr} timed out after {timeout:g} s",
+                           channel=what) from None
+    except OSError as exc:
+        sock.close()
+        raise ChannelError(f"{what}: cannot connect to {addr}: {exc.strerror or exc}",
+                           channel=what) from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen(addr: Address, backlog: int = 64) -> socket.socket:
+    """Bind and listen on ``addr``; for unix sockets a stale file is replaced."""
+    try:
+        if addr.transport == "unix":
+            if os.path.exists(addr.path):
+                os.unlink(addr.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(addr.path)
+        else:
+            infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            family, stype, proto, _, target = infos[0]
+            sock = socket.socket(family, stype, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(target)
+        sock.listen(backlog)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {addr}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def address_info(sock: socket.socket, addr: Address) -> dict[str, str]:
+    """QEMU's ``SocketAddress`` for a listening socket, with the real port."""
+    if addr.transport == "unix":
+        return {"type": "unix", "path": addr.path}
+    host, port = sock.getsockname()[:2]
+    return {"type": "inet", "host": str(host), "port": str(port)}
+
+
+async def _wait_writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    fut = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    fd = sock.fileno()
+    loop.add_writer(fd, ready)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+
+
+async def sendmsg_all(sock: socket.socket, buffers: Sequence[Buffer]) -> int:
+    """Send every byte of ``buffers`` (gathered, no joining); return the count."""
+    loop = asyncio.get_running_loop()
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    total = sum(len(v) for v in views)
+    while views:
+        try:
+            sent = sock.sendmsg(views)
+        except (BlockingIOError, InterruptedError):
+            await _wait_writable(loop, sock)
+            continue
+        while sent:
+            head = views[0]
+            if sent >= len(head):
+                sent -= len(head)
+                views.pop(0)
+            else:
+                views[0] = head[sent:]
+                sent = 0
+    return total
+
+
+async def recv_into(sock: socket.socket, view: memoryview) -> int:
+    """One receive into ``view``; returns 0 at EOF."""
+    return await asyncio.get_running_loop().sock_recv_into(sock, view)

@@ -1,0 +1,122 @@
+"""Progress and summary rendering for ``migrate-ctl`` and ``migrate-demo``.
+
+The live view shows only numbers that never run backwards (bytes sent, elapsed time,
+iterations) next to estimates that may move either way (remaining bytes, rate,
+expected downtime); it never shows a percentage computed from a total that can grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Any, TextIO
+
+from migrate_common.qmp_client import QmpClient
+
+__all__ = ["human_bytes", "progress_line", "watch", "summary_lines", "FINAL_STATES"]
+
+FINAL_STATES = ("completed", "failed", "cancelled")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _rate(n_bytes: float, seconds: float) -> str:
+    if seconds <= 0:
+        return "-"
+    return f"{n_bytes / seconds / 1e9:.2f} GB/s"
+
+
+def progress_line(info: dict[str, Any], rate_bps: float | None = None) -> str:
+    status = info.get("status", "none")
+    sent = info.get("ram", {}).get("transferred", 0)
+    elapsed = info.get("total-time", 0) / 1000
+    parts = [f"{status:<10}", f"{elapsed:6.1f}s", f"sent {human_bytes(sent):>10}"]
+    if rate_bps is not None:
+        parts.append(f"{rate_bps / 1e9:5.2f} GB/s")
+    if "x-remaining" in info and status in ("setup", "active", "device"):
+        parts.append(f"remaining ~{human_bytes(info['x-remaining'])}")
+    if info.get("x-iterations"):
+        parts.append(f"iter {info['x-iterations']}")
+    if "expected-downtime" in info:
+        parts.append(f"expected downtime {info['expected-downtime']} ms")
+    return "  ".join(parts)
+
+
+async def watch(client: QmpClient, out: TextIO = sys.stdout, interval: float = 0.1,
+                timeout: float | None = None) -> dict[str, Any]:
+    """Poll ``query-migrate`` and draw a progress line until the migration ends."""
+    tty = out.isatty()
+    start = time.monotonic()
+    last_sent, last_t = 0, start
+    rate: float | None = None
+    last_printed = 0.0
+    while True:
+        info = await client.execute("query-migrate")
+        now = time.monotonic()
+        sent = info.get("ram", {}).get("transferred", 0)
+        if now > last_t:
+            rate = (sent - last_sent) / (now - last_t)
+        last_sent, last_t = sent, now
+        status = info.get("status", "none")
+        if tty:
+            out.write("\r\033[K" + progress_line(info, rate))
+            out.flush()
+        elif now - last_printed >= 1.0 or status in FINAL_STATES:
+            out.write(progress_line(info, rate) + "\n")
+            last_printed = now
+        if status in FINAL_STATES:
+            if tty:
+                out.write("\n")
+            return dict(info)
+        if timeout is not None and now - start > timeout:
+            raise TimeoutError(f"migration still {status} after {timeout:g} s")
+        await asyncio.sleep(interval)
+
+
+def summary_lines(info: dict[str, Any], verified: bool | None = None) -> list[str]:
+    """A human summary of a finished migration (source-side ``query-migrate``)."""
+    lines = [f"status:        {info.get('status')}"]
+    if "error-desc" in info:
+        lines.append(f"error:         {info['error-desc']}")
+    total_ms = info.get("total-time", 0)
+    lines.append(f"total time:    {total_ms} ms (setup {info.get('setup-time', '-')} ms)")
+    if "downtime" in info:
+        lines.append(f"downtime:      {info['downtime']} ms  (VM stopped on the source until "
+                     "it ran on the destination)")
+    ram = info.get("ram", {})
+    sent = ram.get("transferred", 0)
+    dev_bytes = info.get("vfio", {}).get("transferred", 0)
+    lines.append(f"transferred:   {human_bytes(sent)} in all, device state "
+                 f"{human_bytes(dev_bytes)}")
+    checkpoints = info.get("x-downtime-checkpoints", {})
+    if checkpoints and "downtime" in info:
+        span = checkpoints.get("channels-drained", 0) - checkpoints.get("vm-stopped", 0)
+        if span > 0:
+            lines.append(f"throughput:    {_rate(dev_bytes, span / 1000)} while stopped "
+                         f"({human_bytes(dev_bytes)} in {span:.0f} ms)")
+    channels = info.get("x-channels", [])
+    if channels:
+        lines.append("channels:      " + ", ".join(
+            f"{c['id']}={human_bytes(c['bytes'])}" for c in channels))
+    devices = info.get("x-devices", [])
+    if devices:
+        lines.append("devices:       " + ", ".join(
+            f"{d['id']} ({d['mode']}, {human_bytes(d.get('transferred', d.get('loaded', 0)))})"
+            for d in devices))
+    if checkpoints:
+        lines.append("downtime breakdown (ms from VM stop): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in checkpoints.items()))
+    dst = info.get("x-destination-checkpoints", {})
+    if dst:
+        lines.append("destination (ms from SWITCHOVER_START): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in dst.items()))
+    if verified is not None:
+        lines.append(f"digests:       {'verified, all devices match' if verified else 'MISMATCH'}")
+    return lines

@@ -1,0 +1,5 @@
+import sys
+
+from migrate_src.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""The source's channels: the main channel (with its return path) and N multifd channels.
+
+``MainChannel`` writes control messages (and the raw bytes that follow a data record)
+in order, and reads the return path on the same socket in a task of its own.
+
+``MultifdSender`` owns the N multifd sockets, one send task each.  As in QEMU, a
+caller with a packet waits for an idle channel (a counting semaphore of idle
+channels), picks the first idle one round-robin after the last one used, and hands
+the packet over; the channel task writes header and payload views with one
+``sendmsg`` and becomes idle again.  RAM and device state share these channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from migrate_common.funnel import Funnel
+from migrate_common.log import TRACE
+from migrate_common.net import Buffer, recv_into, sendmsg_all
+from protocol.control import (
+    ControlDecoder,
+    ControlMessage,
+    HelloReply,
+    MessageReceived,
+    Pong,
+    Shut,
+    StreamClosed,
+    SwitchoverAck,
+    encode_message,
+    encode_preamble,
+)
+from protocol.errors import ChannelError, SequenceError
+from protocol.multifd import ChannelInit
+
+__all__ = ["MainChannel", "MultifdSender", "ChannelStats"]
+
+
+@dataclass
+class ChannelStats:
+    name: str
+    bytes: int = 0
+    packets: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.name, "bytes": self.bytes, "packets": self.packets}
+
+
+class MainChannel:
+    """Main channel writer plus the return-path reader on the same socket."""
+
+    def __init__(self, sock: socket.socket, funnel: Funnel, log: Any) -> None:
+        self.sock = sock
+        self.stats = ChannelStats("main")
+        self._funnel = funnel
+        self._log = log.bind(channel="main")
+        self.hello_reply: asyncio.Future[HelloReply] = asyncio.get_running_loop().create_future()
+        self.shut: asyncio.Future[Shut] = asyncio.get_running_loop().create_future()
+        self.switchover_ack = asyncio.Event()
+        self.pongs: asyncio.Queue[int] = asyncio.Queue()
+        self.rp_bytes = 0
+
+    async def send_preamble(self) -> None:
+        self.stats.bytes += await sendmsg_all(self.sock, [encode_preamble()])
+
+    async def send(self, message: ControlMessage, payload: Buffer | None = None) -> None:
+        frame = encode_message(message)
+        parts: list[Buffer] = [frame] if payload is None else [frame, payload]
+        if TRACE.packets:
+            self._log.debug("-> main", message=type(message).__name__,
+                            payload=0 if payload is None else len(payload))
+        self.stats.bytes += await sendmsg_all(self.sock, parts)
+        self.stats.packets += 1
+
+    def start_return_path(self) -> None:
+        self._funnel.spawn(self._read_return_path(), "return-path")
+
+    async def _read_return_path(self) -> None:
+        decoder = ControlDecoder(expect_preamble=False)
+        while True:
+            n = await recv_into(self.sock, decoder.buffer())
+            events = decoder.eof() if n == 0 else decoder.advance(n)
+            self.rp_bytes += n
+            for event in events:
+                if isinstance(event, StreamClosed):
+                    if not self.shut.done():
+                        raise ChannelError("destination closed the main channel before "
+                                           "sending its result (SHUT)", channel="main")
+                    return
+                assert isinstance(event, MessageReceived)
+                self._dispatch(event.message)
+
+    def _dispatch(self, message: ControlMessage) -> None:
+        if TRACE.packets:
+            self._log.debug("<- return path", message=type(message).__name__)
+        if isinstance(message, HelloReply) and not self.hello_reply.done():
+            self.hello_reply.set_result(message)
+        elif isinstance(message, Shut) and not self.shut.done():
+            self.shut.set_result(message)
+            if not message.ok and not self.hello_reply.done():
+                self.hello_reply.set_result(HelloReply(False, message.error, message.code))
+        elif isinstance(message, SwitchoverAck):
+            self.switchover_ack.set()
+        elif isinstance(message, Pong):
+            self.pongs.put_nowait(message.value)
+        else:
+            raise SequenceError(f"unexpected {type(message).__name__} on the return path")
+
+
+@dataclass
+class _SendChannel:
+    id: int
+    sock: socket.socket
+    stats: ChannelStats
+    job: Sequence[Buffer] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    busy_time: float = 0.0
+
+
+class MultifdSender:
+    """N multifd channels shared by RAM and device-state packets."""
+
+    def __init__(self, socks: list[socket.socket], vm_uuid: bytes, funnel: Funnel,
+                 log: Any) -> None:
+        self._channels = [_SendChannel(i, s, ChannelStats(str(i))) for i, s in enumerate(socks)]
+        self._idle = asyncio.Semaphore(len(socks))
+        self._last = len(socks) - 1
+        self._funnel = funnel
+        self._log = log
+        self._uuid = vm_uuid
+        self.bytes_sent = 0
+
+    @property
+    def stats(self) -> list[ChannelStats]:
+        return [c.stats for c in self._channels]
+
+    def start(self) -> None:
+        for chan in self._channels:
+            self._funnel.spawn(self._run(chan), f"multifd-send-{chan.id}")
+
+    async def send_init(self) -> None:
+        """Write every channel's 64-byte init message (QEMU's MultiFDInit_t)."""
+        for chan in self._channels:
+            init = ChannelInit(uuid=self._uuid, channel_id=chan.id).encode()
+            n = await sendmsg_all(chan.sock, [init])
+            chan.stats.bytes += n
+            self.bytes_sent += n
+
+    async def submit(self, parts: Sequence[Buffer]) -> None:
+        """Hand one packet (header and payload views) to the next idle channel."""
+        await self._idle.acquire()
+        n = len(self._channels)
+        for step in range(1, n + 1):
+            chan = self._channels[(self._last + step) % n]
+            if chan.job is None:
+                break
+        else:  # the semaphore guarantees an idle channel
+            raise AssertionError("no idle multifd channel")
+        self._last = chan.id
+        chan.job = parts
+        chan.wake.set()
+
+    async def _run(self, chan: _SendChannel) -> None:
+        log = self._log.bind(channel=chan.id)
+        while True:
+            await chan.wake.wait()
+            chan.wake.clear()
+            job = chan.job
+            assert job is not None
+            start = time.perf_counter()
+            try:
+                n = await sendmsg_all(chan.sock, job)
+            except OSError as exc:
+                raise ChannelError(f"multifd channel {chan.id}: send failed: "
+                                   f"{exc.strerror or exc}", channel=str(chan.id)) from exc
+            chan.busy_time += time.perf_counter() - start
+            chan.stats.bytes += n
+            chan.stats.packets += 1
+            self.bytes_sent += n
+            if TRACE.packets:
+                log.debug("-> multifd", bytes=n, packet=chan.stats.packets)
+            chan.job = None
+            self._idle.release()
+
+    async def drain(self) -> None:
+        """Wait until every packet handed over so far has been written to its socket."""
+        n = len(self._channels)
+        for _ in range(n):
+            await self._idle.acquire()
+        for _ in range(n):
+            self._idle.release()
+
+    def close(self) -> None:
+        for chan in self._channels:
+            try:
+                chan.sock.close()
+            except OSError:
+                pass

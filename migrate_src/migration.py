@@ -1,0 +1,449 @@
+"""One outgoing migration, from ``migrate`` to completed, failed or cancelled.
+
+The phases follow QEMU's precopy migration thread:
+
+1. **setup** — connect the main channel and the N multifd channels (each sends its
+   64-byte init), send ``hello`` and wait for the destination's reply on the return
+   path, OPEN_RETURN_PATH, one START section per device (``save_setup``).
+2. **active** — PART sections with pre-copy data on the main channel until no device
+   has pre-copy data left and, with ``switchover-ack``, the destination has allowed
+   the switchover.  ``max-bandwidth`` paces this phase.
+3. **device** (downtime) — stop the VM (devices quiesce concurrently), send
+   SWITCHOVER_START, start one ``save_complete_precopy_thread`` task per device at
+   once, write the END sections, join the tasks, write the FULL sections, ``eof``
+   with the source's digests, drain every multifd channel, then wait for the
+   destination's SHUT.  Downtime ends when SHUT arrives: the destination's VM runs.
+4. **completed** — the source VM stays stopped (``postmigrate``); devices go to STOP.
+
+Every task runs under one :class:`Funnel`: the first error is recorded as
+``error-desc``, all tasks are cancelled in one place, the sockets are closed and the
+source VM runs again, with its devices back in RUNNING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from migrate_common.funnel import Funnel, describe
+from migrate_common.log import get_logger
+from migrate_common.net import Address, connect
+from migrate_common.settings import (
+    MigrationSettings,
+    effective_load_config_after_iter,
+    effective_multifd_transfer,
+)
+from migrate_common.status import MigrationStatus as S
+from migrate_common.status import StatusMachine
+from migrate_src.channels import MainChannel, MultifdSender
+from migrate_src.save import VfioSaveHandler
+from protocol.control import (
+    SCHEMA_VERSION,
+    Command,
+    CommandType,
+    DeviceDescriptor,
+    Eof,
+    Hello,
+    SectionEnd,
+    SectionFooter,
+    SectionFull,
+    SectionPart,
+    SectionStart,
+)
+from protocol.errors import (
+    ChannelError,
+    MigrationError,
+    RemoteProtocolError,
+    VerificationError,
+)
+from vm.machine import RunState, VirtualMachine
+from vm.vfio_sim import DeviceState
+
+__all__ = ["OutgoingMigration"]
+
+BANDWIDTH_WINDOW = 0.1  # seconds: QEMU applies max-bandwidth per 100 ms window
+
+
+class _Pacer:
+    """Caps the live phase at ``max-bandwidth`` bytes/s, budgeted per 100 ms window."""
+
+    def __init__(self, limit: int, clock: Callable[[], float]) -> None:
+        self.limit = limit
+        self.clock = clock
+        self.window_start = clock()
+        self.window_bytes = 0
+
+    async def account(self, nbytes: int) -> None:
+        if self.limit <= 0:
+            return
+        self.window_bytes += nbytes
+        budget = self.limit * BANDWIDTH_WINDOW
+        if self.window_bytes >= budget:
+            elapsed = self.clock() - self.window_start
+            if elapsed < BANDWIDTH_WINDOW:
+                await asyncio.sleep(BANDWIDTH_WINDOW - elapsed)
+            self.window_start = self.clock()
+            self.window_bytes = 0
+
+
+class OutgoingMigration:
+    """Runs one migration of ``vm`` to ``uri``; see the module docstring."""
+
+    def __init__(self, vm: VirtualMachine, settings: MigrationSettings, uri: str,
+                 address: Address, status: StatusMachine,
+                 emit_event: Callable[[str, dict[str, Any]], None]) -> None:
+        self.vm = vm
+        self.settings = settings
+        self.uri = uri
+        self.address = address
+        self.status = status
+        self.emit_event = emit_event
+        self.id = str(uuid.uuid4())
+        self.log = get_logger("migrate-src", migration=self.id[:8])
+        self.funnel = Funnel(self.log)
+        self.clock = time.monotonic
+        self.start_time = self.clock()
+        self.end_time: float | None = None
+        self.setup_time: float | None = None
+        self.downtime_start: float | None = None
+        self.downtime: float | None = None
+        self.checkpoints: dict[str, float] = {}
+        self.dst_checkpoints: dict[str, float] = {}
+        self.expected_downtime: float | None = None
+        self.bandwidth: float = 0.0     # bytes/s measured in the live phase
+        self.handlers: list[VfioSaveHandler] = []
+        self.main: MainChannel | None = None
+        self.sender: MultifdSender | None = None
+        self.error_desc: str | None = None
+        self.digests: dict[str, str] = {}
+        self.dst_digests: dict[str, str] = {}
+        self.iterations = 0
+        self._cancel_requested = False
+        self._abort_save = asyncio.Event()
+
+    # -- control ------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """``migrate_cancel``: idempotent; a finished migration is left alone."""
+        if self.status.status in (S.SETUP, S.ACTIVE, S.DEVICE):
+            self._cancel_requested = True
+            self.status.set(S.CANCELLING)
+            self.log.info("migration cancel requested")
+            self._abort_save.set()
+            self.funnel.cancel_all()
+
+    async def run(self) -> None:
+        """The whole migration; never raises for migration errors (status says why)."""
+        self.status.set(S.SETUP)
+        task = self.funnel.spawn(self._migrate(), "migration")
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            # the daemon is shutting down: fail the migration, restore the VM, re-raise
+            self.funnel.fail(ChannelError("source daemon is shutting down"))
+            await self._abandon()
+            raise
+        if task.cancelled() or task.exception() is not None or self.funnel.failed:
+            await self._abandon()
+        else:
+            await self._finish_success()
+
+    async def _abandon(self) -> None:
+        """Failure or cancel: stop all tasks, close sockets, run the VM again."""
+        if self.status.status not in (S.CANCELLING, S.FAILING):
+            self.status.set(S.FAILING)
+        err = self.funnel.error
+        if err is not None and self.error_desc is None:
+            self.error_desc = describe(err)
+        self._abort_save.set()
+        await self.funnel.close()
+        self._close_sockets()
+        try:
+            await self._resume_vm()
+        except MigrationError as exc:  # report, but the status must still finish
+            self.log.error("could not resume the source VM", error=describe(exc))
+            if self.error_desc is None:
+                self.error_desc = f"could not resume the source VM: {exc}"
+        self.end_time = self.clock()
+        if self.status.status is S.CANCELLING and self.error_desc is None:
+            self.status.set(S.CANCELLED)
+            self.log.info("migration cancelled; source VM running")
+        else:
+            if self.status.status is S.CANCELLING:
+                self.status.set(S.FAILING)
+            if self.error_desc is None:
+                self.error_desc = "migration failed"
+            self.status.set(S.FAILED)
+            self.log.warning("migration failed; source VM running", error=self.error_desc)
+
+    async def _finish_success(self) -> None:
+        self._close_sockets()
+        for handler in self.handlers:
+            await handler.save_cleanup(completed=True)
+        self.end_time = self.clock()
+        await self.funnel.close()
+
+    def _close_sockets(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+        if self.main is not None:
+            try:
+                self.main.sock.close()
+            except OSError:
+                pass
+
+    async def _resume_vm(self) -> None:
+        for handler in self.handlers:
+            device = handler.device
+            if device.state is DeviceState.ERROR:
+                device.reset()
+            elif device.state is not DeviceState.RUNNING:
+                await device.set_state(DeviceState.RUNNING)
+        for device in self.vm.devices.values():  # devices that never got a handler
+            if device.state is DeviceState.ERROR:
+                device.reset()
+        if self.vm.run_state is not RunState.RUNNING:
+            self.vm.set_run_state(RunState.RUNNING)
+
+    # -- the migration itself -----------------------------------------------------------
+    async def _migrate(self) -> None:
+        await self._setup()
+        self.status.set(S.ACTIVE)
+        await self._live_phase()
+        await self._switchover()
+
+    def _timeout(self, name: str) -> float:
+        return float(self.settings.param(name)) / 1000.0
+
+    async def _setup(self) -> None:
+        settings = self.settings
+        multifd = settings.cap("multifd")
+        return_path = settings.cap("return-path")
+        connect_timeout = self._timeout("x-connect-timeout")
+        self.log.info("migration starting", uri=self.uri, multifd=multifd,
+                      channels=settings.param("multifd-channels") if multifd else 0)
+
+        main_sock = await connect(self.address, connect_timeout, "main channel")
+        self.main = MainChannel(main_sock, self.funnel, self.log)
+        if multifd:
+            count = settings.param("multifd-channels")
+            socks = await asyncio.gather(
+                *(connect(self.address, connect_timeout, f"multifd channel {i}")
+                  for i in range(count)), return_exceptions=True)
+            good = [s for s in socks if not isinstance(s, BaseException)]
+            errors = [s for s in socks if isinstance(s, BaseException)]
+            if errors:
+                for s in good:
+                    s.close()
+                raise errors[0]
+            self.sender = MultifdSender(good, self.vm.uuid.bytes, self.funnel, self.log)
+            await self.sender.send_init()
+            self.sender.start()
+        await self.main.send_preamble()
+        if return_path:
+            self.main.start_return_path()
+
+        self.handlers = []
+        descriptors = []
+        for section_id, device in enumerate(self.vm.devices.values(), start=1):
+            mode = effective_multifd_transfer(device.config.multifd_transfer, settings, device.id)
+            interlock = effective_load_config_after_iter(device.config.load_config_after_iter,
+                                                         mode)
+            self.handlers.append(VfioSaveHandler(
+                device, section_id, multifd_transfer=mode, load_config_after_iter=interlock,
+                switchover_ack=settings.cap("switchover-ack"), main=self.main, log=self.log))
+            descriptors.append(DeviceDescriptor(
+                id=device.id, driver=device.config.driver, idstr=device.idstr,
+                instance_id=device.instance_id, version_id=device.version_id,
+                multifd_transfer=mode, load_config_after_iter=interlock,
+                properties=device.config.properties()))
+        # digests of the state we are about to send; computed off the event loop
+        self.digests = {d.id: await d.digest_async() for d in self.vm.devices.values()}
+
+        hello = Hello(
+            protocol_version=SCHEMA_VERSION, migration_id=self.id, vm_uuid=str(self.vm.uuid),
+            capabilities={n: settings.cap(n) for n in ("multifd", "return-path",
+                                                       "switchover-ack", "validate-uuid")},
+            parameters={"multifd-channels": settings.param("multifd-channels") if multifd else 0,
+                        "multifd-compression": settings.param("multifd-compression")},
+            devices=tuple(descriptors))
+        await self.main.send(hello)
+        if return_path:
+            try:
+                async with asyncio.timeout(connect_timeout):
+                    reply = await self.main.hello_reply
+            except TimeoutError:
+                raise ChannelError(f"destination did not answer the hello within "
+                                   f"{connect_timeout:g} s", channel="main") from None
+            if not reply.accepted:
+                raise RemoteProtocolError(f"destination refused the migration: {reply.error}")
+            await self.main.send(Command(CommandType.OPEN_RETURN_PATH))
+        for handler in self.handlers:
+            await self.main.send(SectionStart(handler.section_id, handler.idstr,
+                                              handler.instance_id, handler.version_id))
+            await handler.save_setup()
+            await self.main.send(SectionFooter(handler.section_id))
+        self.setup_time = self.clock() - self.start_time
+        self.log.info("setup done", setup_ms=round(self.setup_time * 1000, 1))
+
+    def _bytes_sent(self) -> int:
+        total = self.main.stats.bytes if self.main else 0
+        if self.sender is not None:
+            total += self.sender.bytes_sent
+        return total
+
+    async def _live_phase(self) -> None:
+        assert self.main is not None
+        pacer = _Pacer(int(self.settings.param("max-bandwidth")), self.clock)
+        need_ack = self.settings.cap("switchover-ack")
+        phase_start, bytes_start = self.clock(), self._bytes_sent()
+        while True:
+            active = [h for h in self.handlers if h.is_active_iterate()]
+            if not active:
+                if not need_ack or self.main.switchover_ack.is_set():
+                    break
+                # nothing left to pre-copy: wait for the destination to allow switchover
+                await self.main.switchover_ack.wait()
+                continue
+            self.iterations += 1
+            for handler in active:
+                before = self._bytes_sent()
+                await self.main.send(SectionPart(handler.section_id))
+                await handler.save_live_iterate()
+                await self.main.send(SectionFooter(handler.section_id))
+                await pacer.account(self._bytes_sent() - before)
+            elapsed = self.clock() - phase_start
+            if elapsed > 0:
+                self.bandwidth = (self._bytes_sent() - bytes_start) / elapsed
+                remaining = sum(h.pending_exact() for h in self.handlers)
+                self.expected_downtime = remaining / self.bandwidth if self.bandwidth else None
+
+    def _checkpoint(self, name: str) -> None:
+        assert self.downtime_start is not None
+        self.checkpoints[name] = round((self.clock() - self.downtime_start) * 1000, 3)
+
+    async def _switchover(self) -> None:
+        assert self.main is not None
+        self.downtime_start = self.clock()
+        self._checkpoint("downtime-start")
+        self.vm.set_run_state(RunState.FINISH_MIGRATE)
+        self.status.set(S.DEVICE)
+        # VM-state callbacks: every device quiesces at the same time
+        await asyncio.gather(*(h.on_vm_stop() for h in self.handlers))
+        self._checkpoint("vm-stopped")
+        try:
+            async with asyncio.timeout(self._timeout("x-switchover-timeout")):
+                await self._complete_precopy()
+        except TimeoutError:
+            raise ChannelError(f"switchover did not finish within "
+                               f"{self._timeout('x-switchover-timeout'):g} s "
+                               "(x-switchover-timeout)", channel="main") from None
+
+    async def _complete_precopy(self) -> None:
+        assert self.main is not None
+        await self.main.send(Command(CommandType.SWITCHOVER_START))
+        self._checkpoint("switchover-start-sent")
+        save_tasks = []
+        if self.sender is not None:
+            for handler in self.handlers:
+                if handler.multifd_transfer:
+                    save_tasks.append(self.funnel.spawn(
+                        handler.save_complete_precopy_thread(self.sender, self._abort_save),
+                        f"save-{handler.device.id}"))
+        for handler in self.handlers:
+            await self.main.send(SectionEnd(handler.section_id))
+            await handler.save_complete()
+            await self.main.send(SectionFooter(handler.section_id))
+        if save_tasks:
+            await asyncio.gather(*save_tasks)
+        self._checkpoint("iterable-saved")
+        for handler in self.handlers:
+            await self.main.send(SectionFull(handler.section_id, handler.idstr,
+                                             handler.instance_id, handler.version_id))
+            await handler.save_state()
+            await self.main.send(SectionFooter(handler.section_id))
+        self._checkpoint("non-iterable-saved")
+        await self.main.send(Eof(digests=self.digests))
+        self._checkpoint("eof-sent")
+        if self.sender is not None:
+            await self.sender.drain()
+        self._checkpoint("channels-drained")
+        if self.settings.cap("return-path"):
+            shut = await self.main.shut
+            self._checkpoint("shut-received")
+            self.dst_checkpoints = dict(shut.checkpoints)
+            if not shut.ok:
+                raise RemoteProtocolError(f"destination failed: {shut.error}")
+            self.dst_digests = dict(shut.digests)
+            mismatched = [d for d, h in self.digests.items() if shut.digests.get(d) != h]
+            if mismatched:
+                raise VerificationError(
+                    "destination reports different state digests for "
+                    + ", ".join(mismatched))
+        assert self.downtime_start is not None
+        self.downtime = self.clock() - self.downtime_start
+        self.vm.set_run_state(RunState.POSTMIGRATE)
+        self.status.set(S.COMPLETED)
+        total = self.clock() - self.start_time
+        self.log.info("migration completed", downtime_ms=round(self.downtime * 1000, 1),
+                      total_ms=round(total * 1000, 1), bytes=self._bytes_sent())
+
+    # -- status -------------------------------------------------------------------------
+    def device_bytes(self) -> int:
+        return sum(h.transferred for h in self.handlers)
+
+    def info(self) -> dict[str, Any]:
+        """``query-migrate`` for the source side."""
+        status = self.status.status
+        now = self.end_time if self.end_time is not None else self.clock()
+        total_time = now - self.start_time
+        sent = self._bytes_sent()
+        multifd_bytes = self.sender.bytes_sent if self.sender else 0
+        info: dict[str, Any] = {
+            "status": status.value,
+            "total-time": int(total_time * 1000),
+            "x-migration-id": self.id,
+        }
+        if self.setup_time is not None:
+            info["setup-time"] = int(self.setup_time * 1000)
+        if status is S.COMPLETED and self.downtime is not None:
+            info["downtime"] = int(round(self.downtime * 1000))
+        elif status in (S.ACTIVE, S.DEVICE) and self.expected_downtime is not None:
+            info["expected-downtime"] = int(self.expected_downtime * 1000)
+        mbps = sent * 8 / total_time / 1e6 if total_time > 0 else 0.0
+        info["ram"] = {
+            "transferred": sent,
+            "multifd-bytes": multifd_bytes,
+            "mbps": round(mbps, 3),
+        }
+        info["vfio"] = {"transferred": self.device_bytes()}
+        remaining = sum(h.pending_exact() for h in self.handlers) if status in (
+            S.SETUP, S.ACTIVE, S.DEVICE) else 0
+        info["x-remaining"] = remaining
+        info["x-iterations"] = self.iterations
+        channels = []
+        if self.main is not None:
+            channels.append(self.main.stats.as_dict())
+        if self.sender is not None:
+            channels.extend(s.as_dict() for s in self.sender.stats)
+        info["x-channels"] = channels
+        info["x-devices"] = [
+            {"id": h.device.id, "mode": "multifd" if h.multifd_transfer else "main",
+             "state": h.device.state.name.lower().replace("_", "-"),
+             "transferred": h.transferred, "precopy-bytes": h.precopy_bytes,
+             "stopcopy-bytes": h.stopcopy_bytes, "packets": h.packets}
+            for h in self.handlers]
+        if self.checkpoints:
+            info["x-downtime-checkpoints"] = dict(self.checkpoints)
+        if self.dst_checkpoints:
+            info["x-destination-checkpoints"] = dict(self.dst_checkpoints)
+        if status is S.COMPLETED:
+            info["x-digests-verified"] = bool(self.dst_digests) or not self.settings.cap(
+                "return-path")
+        if self.error_desc is not None and status in (S.FAILED, S.FAILING):
+            info["error-desc"] = self.error_desc
+        elif status is S.FAILING and self.funnel.error is not None:
+            info["error-desc"] = describe(self.funnel.error)
+        return info

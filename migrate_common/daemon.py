@@ -68,8 +68,12 @@ class DaemonBase:
             "quit": self.cmd_quit,
         }
 
+    def migration_running(self) -> bool:
+        """Whether a migration uses the settings and devices right now."""
+        return self.status.in_progress
+
     def _refuse_while_migrating(self, what: str) -> None:
-        if self.status.in_progress:
+        if self.migration_running():
             raise QmpError(f"cannot change {what} while a migration is in progress "
                            f"(status {self.status.status.value})")
 
@@ -132,7 +136,7 @@ class DaemonBase:
         prop = require(args, "property", str)
         if "value" not in args:
             raise QmpError("Parameter 'value' is missing")
-        if self.status.in_progress and prop != "x-migration-multifd-transfer":
+        if self.migration_running() and prop != "x-migration-multifd-transfer":
             raise QmpError(f"cannot change '{prop}' while a migration is in progress")
         try:
             device.set_config(device.config.with_property(prop, args["value"]))

@@ -61,6 +61,58 @@ def _timestamp() -> dict[str, int]:
     return {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)}
 
 
+class JsonSplitter:
+    """Splits a QMP byte stream into top-level JSON texts, like QEMU's streaming parser.
+
+    QMP needs no newline after a command (``qemu.qmp`` sends none), so requests are
+    delimited by balancing braces outside strings.  A newline at depth 0 ends any
+    stray non-JSON text, which then gets its own parse-error reply.  A text longer
+    than ``limit`` bytes raises ``ValueError``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buf = bytearray()
+        self.depth = 0
+        self.in_string = False
+        self.escape = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        items: list[bytes] = []
+        start = 0
+        buf = self.buf
+        scan_from = len(buf)
+        buf += data
+        i = scan_from
+        while i < len(buf):
+            c = buf[i]
+            if self.in_string:
+                if self.escape:
+                    self.escape = False
+                elif c == 0x5C:  # backslash
+                    self.escape = True
+                elif c == 0x22:
+                    self.in_string = False
+            elif c == 0x22:
+                self.in_string = True
+            elif c in (0x7B, 0x5B):
+                self.depth += 1
+            elif c in (0x7D, 0x5D):
+                self.depth -= 1
+                if self.depth <= 0:
+                    items.append(bytes(buf[start:i + 1]))
+                    start, self.depth = i + 1, 0
+            elif c == 0x0A and self.depth == 0:
+                if buf[start:i].strip():
+                    items.append(bytes(buf[start:i]))
+                start = i + 1
+            i += 1
+        del buf[:start]
+        if len(buf) > self.limit:
+            raise ValueError(f"QMP input line longer than {self.limit} bytes")
+        return items
+
+
 class _Session:
     def __init__(self, server: QmpServer, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
@@ -76,23 +128,25 @@ class _Session:
     async def run(self) -> None:
         self.send({"QMP": {"version": {"qemu": QEMU_VERSION, "package": self.server.package},
                            "capabilities": []}})
+        splitter = JsonSplitter(MAX_LINE)
         while True:
+            data = await self.reader.read(65536)
+            if not data:
+                return
             try:
-                line = await self.reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError:
+                items = splitter.feed(data)
+            except ValueError as exc:
+                self.send({"error": {"class": "GenericError", "desc": str(exc)}})
                 return
-            except asyncio.LimitOverrunError:
-                self.send({"error": {"class": "GenericError",
-                                     "desc": f"QMP input line longer than {MAX_LINE} bytes"}})
-                return
-            if not line.strip():
-                continue
-            reply = await self.handle_line(line)
-            if reply is not None:
-                self.send(reply)
-                await self.writer.drain()
+            for item in items:
+                reply = await self.handle_line(item)
+                if reply is not None:
+                    self.send(reply)
+                    await self.writer.drain()
 
     async def handle_line(self, line: bytes) -> dict[str, Any] | None:
+        if not line.strip():
+            return None
         try:
             request = json.loads(line)
         except (ValueError, UnicodeDecodeError) as exc:

@@ -71,6 +71,12 @@ class DestinationDaemon(DaemonBase):
         self.log.info("waiting for an incoming migration", uri=uri,
                       address=self.listener.socket_address)
 
+    def migration_running(self) -> bool:
+        # listening alone does not freeze the settings: an attempt takes its snapshot
+        # when its first connection arrives, as QEMU reads them when loading starts
+        attempt = self.attempt
+        return attempt is not None and attempt.task is not None and not attempt.task.done()
+
     async def _on_connection(self, sock: socket.socket, peer: Any) -> None:
         attempt = self.attempt
         if attempt is None or not attempt.accepting:

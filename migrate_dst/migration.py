@@ -71,7 +71,6 @@ from protocol.errors import (
     ChannelError,
     ConfigError,
     HandshakeError,
-    MigrationError,
     SequenceError,
     UnknownDeviceError,
     VerificationError,
@@ -111,7 +110,8 @@ class IncomingMigration:
         self.handlers: dict[str, VfioLoadHandler] = {}
         self._by_idstr: dict[tuple[str, int], VfioLoadHandler] = {}
         self._sections: dict[int, tuple[VfioLoadHandler, str]] = {}
-        self.return_path = False
+        # None until the hello says; an early failure still tries to tell the source
+        self.return_path: bool | None = None
         self.switchover_ack = False
         self._acks_needed = 0
         self._ack_sent = False
@@ -222,14 +222,10 @@ class IncomingMigration:
             self.status.set(S.FAILING)
         err = self.funnel.error or ChannelError("incoming migration aborted")
         self.error_desc = describe(err)
-        if self.return_path and self.main_sock is not None:
-            code = getattr(err, "code", "error")
-            try:
-                async with asyncio.timeout(1.0):
-                    await self._send_rp(Shut(ok=False, error=self.error_desc, code=code))
-            except (OSError, TimeoutError, MigrationError):
-                pass
         await self.funnel.close()
+        if self.return_path is not False and self.main_sock is not None:
+            await self._say_goodbye(Shut(ok=False, error=self.error_desc,
+                                         code=getattr(err, "code", "error")))
         for handler in self.handlers.values():
             handler.load_cleanup()
         self._close_sockets()
@@ -239,6 +235,26 @@ class IncomingMigration:
         self.end_time = self.clock()
         self.status.set(S.FAILED)
         self.log.warning("incoming migration failed; VM not started", error=self.error_desc)
+
+    async def _say_goodbye(self, shut: Shut, linger: float = 1.0) -> None:
+        """Send a failure SHUT so that the source learns why, then close gracefully.
+
+        Closing a socket with unread bytes in it makes the kernel send a reset, and a
+        reset can destroy the SHUT before the source reads it.  So: send it, half-close
+        the main channel, and read and discard until the source closes (at most
+        ``linger`` seconds); the multifd sockets stay open, unread, meanwhile.
+        """
+        assert self.main_sock is not None
+        sock = self.main_sock
+        try:
+            async with asyncio.timeout(linger):
+                await self._send_rp(shut)
+                sock.shutdown(socket.SHUT_WR)
+                scratch = memoryview(bytearray(64 * 1024))
+                while await recv_into(sock, scratch):
+                    pass
+        except (OSError, TimeoutError):
+            pass
 
     async def _finish_success(self) -> None:
         await self.funnel.close()
@@ -339,6 +355,8 @@ class IncomingMigration:
 
     def _check_hello(self, hello: Hello) -> None:
         """Compare the source's view of the migration with ours; raise on any mismatch."""
+        # known first, so that a refusal below still reaches the source as a SHUT
+        self.return_path = bool(hello.capabilities.get("return-path"))
         if hello.protocol_version != SCHEMA_VERSION:
             raise BadVersionError(f"source speaks control schema {hello.protocol_version}, "
                                   f"this destination {SCHEMA_VERSION}")

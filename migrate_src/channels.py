@@ -34,7 +34,7 @@ from protocol.control import (
     encode_message,
     encode_preamble,
 )
-from protocol.errors import ChannelError, SequenceError
+from protocol.errors import ChannelError, RemoteProtocolError, SequenceError
 from protocol.multifd import ChannelInit
 
 __all__ = ["MainChannel", "MultifdSender", "ChannelStats"]
@@ -101,8 +101,10 @@ class MainChannel:
             self.hello_reply.set_result(message)
         elif isinstance(message, Shut) and not self.shut.done():
             self.shut.set_result(message)
-            if not message.ok and not self.hello_reply.done():
-                self.hello_reply.set_result(HelloReply(False, message.error, message.code))
+            if not message.ok:
+                # the destination's reason must be the migration's first error, before
+                # the broken sockets it is about to leave behind are noticed
+                raise RemoteProtocolError(f"destination failed: {message.error}")
         elif isinstance(message, SwitchoverAck):
             self.switchover_ack.set()
         elif isinstance(message, Pong):

@@ -1,0 +1,227 @@
+"""Sans-I/O decoder for the receiving end of one multifd channel.
+
+:class:`ChannelDecoder` turns the bytes of a multifd connection into events: the
+channel init, RAM packets with their page payload, device-state packets with their
+payload, and the clean end of the channel.  It is shaped like
+:class:`asyncio.BufferedProtocol`: the caller asks :meth:`ChannelDecoder.buffer` where
+to put the next bytes (``sock.recv_into(decoder.buffer())``), then reports how many
+arrived with :meth:`ChannelDecoder.advance`.
+
+Headers are gathered in a small fixed internal buffer; payloads are received in place
+into buffers obtained from the caller's ``allocate`` callback, so page data and device
+state are never copied by this layer beyond the few bytes that happened to arrive in
+the same ``recv`` as their header.  Every header is validated (see
+:mod:`protocol.multifd`) before anything is allocated for its payload, so memory use
+is bounded by ``max(internal buffer, validated payload size)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import TypeAlias
+
+from protocol._stream import Allocator, StreamDecoder, claim_buffer, default_allocate
+from protocol.errors import ConfigError
+from protocol.multifd import (
+    DEFAULT_MAX_DEVICE_PAYLOAD,
+    DEVICE_STATE_BODY_SIZE,
+    DEVICE_STATE_HEADER_SIZE,
+    INIT_SIZE,
+    PACKET_HEADER_SIZE,
+    ChannelInit,
+    DeviceStateHeader,
+    PacketFlags,
+    PacketHeader,
+    RamLayout,
+    RamPacket,
+    ram_packet_size,
+    ram_page_count,
+)
+
+__all__ = [
+    "InitReceived",
+    "DeviceStateReceived",
+    "RamPacketReceived",
+    "ChannelClosed",
+    "ChannelEvent",
+    "ChannelDecoder",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class InitReceived:
+    """The 64-byte channel init arrived (not yet checked against UUID or id range:
+    that needs the destination's state, see :meth:`ChannelInit.validate`)."""
+
+    init: ChannelInit
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStateReceived:
+    """A device-state packet; ``payload`` is exactly ``header.payload_size`` bytes, a
+    view of the buffer obtained from ``allocate``."""
+
+    header: DeviceStateHeader
+    payload: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class RamPacketReceived:
+    """A RAM packet; ``payload`` is ``packet.next_packet_size`` bytes (maybe empty):
+    raw pages in the order of ``packet.normal_offsets``, or one compressed chunk."""
+
+    packet: RamPacket
+    payload: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelClosed:
+    """The peer closed the channel at a packet boundary."""
+
+
+ChannelEvent: TypeAlias = InitReceived | DeviceStateReceived | RamPacketReceived | ChannelClosed
+
+_EMPTY = memoryview(b"")
+
+
+class _Stage(Enum):
+    INIT = "channel init"
+    HEADER = "packet header"
+    DEVICE_BODY = "device-state packet header"
+    RAM_BODY = "RAM packet"
+    DEVICE_PAYLOAD = "device-state payload"
+    RAM_PAYLOAD = "RAM packet payload"
+
+
+class ChannelDecoder(StreamDecoder[ChannelEvent]):
+    """Decode one multifd channel (destination side).
+
+    ``page_size`` and ``ram_layout`` must match the sender (4 KiB and
+    :attr:`RamLayout.V2` for QEMU 9.0+ on x86); ``block_size`` and ``compression``
+    enable the optional checks of :meth:`RamPacket.decode_body`.  ``expect_init=False``
+    starts directly with packets.  ``channel`` only labels errors.  After
+    :class:`ChannelClosed` or any error every call raises
+    :class:`~protocol.errors.SequenceError`.
+    """
+
+    def __init__(
+        self,
+        *,
+        page_size: int = 4096,
+        ram_layout: RamLayout = RamLayout.V2,
+        max_device_payload: int = DEFAULT_MAX_DEVICE_PAYLOAD,
+        allocate: Allocator | None = None,
+        expect_init: bool = True,
+        block_size: Callable[[str], int | None] | None = None,
+        compression: int | None = None,
+        channel: str = "",
+    ) -> None:
+        super().__init__(channel=channel)
+        self._page_count = ram_page_count(page_size)
+        self._page_size = page_size
+        self._layout = RamLayout(ram_layout)
+        if type(max_device_payload) is not int or not 1 <= max_device_payload <= 0xFFFFFFFF:
+            raise ConfigError(f"max_device_payload must be 1..{0xFFFFFFFF}, got {max_device_payload!r}")
+        self._max_device_payload = max_device_payload
+        self._allocate: Allocator = allocate if allocate is not None else default_allocate
+        self._block_size = block_size
+        self._compression = compression
+        self._ram_body_size = ram_packet_size(self._page_count) - PACKET_HEADER_SIZE
+        self._stage = _Stage.INIT if expect_init else _Stage.HEADER
+        self._flags = 0
+        self._device: DeviceStateHeader | None = None
+        self._ram: RamPacket | None = None
+        self._packets = 0
+        self._init: ChannelInit | None = None
+
+    @property
+    def packets_received(self) -> int:
+        """Complete packets (RAM and device state, not the init) decoded so far."""
+        return self._packets
+
+    @property
+    def init(self) -> ChannelInit | None:
+        """The channel init, once received."""
+        return self._init
+
+    def _want(self) -> int:
+        stage = self._stage
+        if stage is _Stage.INIT:
+            return INIT_SIZE
+        if stage is _Stage.HEADER:
+            return PACKET_HEADER_SIZE
+        if stage is _Stage.DEVICE_BODY:
+            return DEVICE_STATE_BODY_SIZE
+        assert stage is _Stage.RAM_BODY, stage
+        return self._ram_body_size
+
+    def _step(self, chunk: memoryview, events: list[ChannelEvent]) -> None:
+        stage = self._stage
+        if stage is _Stage.INIT:
+            self._init = ChannelInit.decode(chunk)
+            events.append(InitReceived(self._init))
+            self._stage = _Stage.HEADER
+        elif stage is _Stage.HEADER:
+            self._flags = PacketHeader.decode(chunk).flags
+            self._stage = (
+                _Stage.DEVICE_BODY if self._flags & PacketFlags.DEVICE_STATE else _Stage.RAM_BODY
+            )
+        elif stage is _Stage.DEVICE_BODY:
+            header = DeviceStateHeader.decode_body(
+                self._flags, chunk, max_payload=self._max_device_payload
+            )
+            self._device = header
+            self._stage = _Stage.DEVICE_PAYLOAD
+            self._start_sink(claim_buffer(self._allocate, header.payload_size))
+        else:
+            packet = RamPacket.decode_body(
+                self._flags,
+                chunk,
+                page_count=self._page_count,
+                page_size=self._page_size,
+                layout=self._layout,
+                block_size=self._block_size,
+                compression=self._compression,
+            )
+            if packet.next_packet_size == 0:
+                self._packets += 1
+                self._stage = _Stage.HEADER
+                events.append(RamPacketReceived(packet, _EMPTY))
+            else:
+                self._ram = packet
+                self._stage = _Stage.RAM_PAYLOAD
+                self._start_sink(claim_buffer(self._allocate, packet.next_packet_size))
+
+    def _sink_done(self, sink: memoryview, events: list[ChannelEvent]) -> None:
+        self._packets += 1
+        if self._stage is _Stage.DEVICE_PAYLOAD:
+            assert self._device is not None
+            events.append(DeviceStateReceived(self._device, sink))
+            self._device = None
+        else:
+            assert self._ram is not None
+            events.append(RamPacketReceived(self._ram, sink))
+            self._ram = None
+        self._stage = _Stage.HEADER
+
+    def _at_boundary(self) -> bool:
+        return self._stage is _Stage.HEADER
+
+    def _truncation(self, buffered: int, sink_filled: int) -> tuple[str, int, int]:
+        stage = self._stage
+        if stage is _Stage.DEVICE_BODY:
+            return stage.value, PACKET_HEADER_SIZE + buffered, DEVICE_STATE_HEADER_SIZE
+        if stage is _Stage.RAM_BODY:
+            return stage.value, PACKET_HEADER_SIZE + buffered, PACKET_HEADER_SIZE + self._ram_body_size
+        if stage is _Stage.DEVICE_PAYLOAD:
+            assert self._device is not None
+            return stage.value, sink_filled, self._device.payload_size
+        if stage is _Stage.RAM_PAYLOAD:
+            assert self._ram is not None
+            return stage.value, sink_filled, self._ram.next_packet_size
+        return stage.value, buffered, self._want()
+
+    def _closed_event(self) -> ChannelEvent:
+        return ChannelClosed()

@@ -170,6 +170,10 @@ class DaemonBase:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, qmp_address: Address) -> None:
+        # the VM's device memory exists before management can touch it, as QEMU
+        # allocates guest memory at start: generate (source) or pre-fault
+        # (destination) it now, so that no migration pays for first-touch faults
+        await self.vm.prepare()
         await self.qmp.start(qmp_address)
 
     async def shutdown(self) -> None:

@@ -87,34 +87,41 @@ def tune_socket(sock: socket.socket) -> None:
 
 
 async def connect(addr: Address, timeout: float, what: str = "channel") -> socket.socket:
-    """Open one connection to ``addr`` within ``timeout`` seconds."""
+    """Open one connection to ``addr`` within ``timeout`` seconds.
+
+    Every address the host name resolves to is tried in turn (a name may resolve to
+    IPv6 first while the peer listens on IPv4 only).
+    """
     loop = asyncio.get_running_loop()
     try:
-        if addr.transport == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: object = addr.path
-        else:
-            infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
-            family, stype, proto, _, target = infos[0]
-            sock = socket.socket(family, stype, proto)
-    except OSError as exc:
-        raise ChannelError(f"cannot resolve {addr}: {exc}", channel=what) from exc
-    tune_socket(sock)
-    try:
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, target)  # type: ignore[arg-type]
+            if addr.transport == "unix":
+                targets: list[tuple[int, int, int, object]] = [
+                    (socket.AF_UNIX, socket.SOCK_STREAM, 0, addr.path)]
+            else:
+                infos = await loop.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
+                targets = [(f, t, p, a) for f, t, p, _, a in infos]
+            last: OSError | None = None
+            for family, stype, proto, target in targets:
+                sock = socket.socket(family, stype, proto)
+                tune_socket(sock)
+                try:
+                    await loop.sock_connect(sock, target)  # type: ignore[arg-type]
+                    return sock
+                except OSError as exc:
+                    sock.close()
+                    last = exc
+                except BaseException:
+                    sock.close()
+                    raise
+            assert last is not None
+            raise last
     except TimeoutError:
-        sock.close()
         raise ChannelError(f"{what}: connecting to {addr} timed out after {timeout:g} s",
                            channel=what) from None
     except OSError as exc:
-        sock.close()
         raise ChannelError(f"{what}: cannot connect to {addr}: {exc.strerror or exc}",
                            channel=what) from exc
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def listen(addr: Address, backlog: int = 64) -> socket.socket:

@@ -260,7 +260,7 @@ class OutgoingMigration:
                 multifd_transfer=mode, load_config_after_iter=interlock,
                 properties=device.config.properties()))
         # digests of the state we are about to send; computed off the event loop
-        self.digests = {d.id: await d.digest_async() for d in self.vm.devices.values()}
+        self.digests = await self.vm.digests()
 
         hello = Hello(
             protocol_version=SCHEMA_VERSION, migration_id=self.id, vm_uuid=str(self.vm.uuid),

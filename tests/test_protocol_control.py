@@ -152,7 +152,7 @@ GOLDEN: list[tuple[ControlMessage, str]] = [
     (
         HELLO,
         "87" + fs("t") + fs("hello")
-        + "b0" + "protocol_version".encode().hex() + "01"
+        + "b0" + b"protocol_version".hex() + "01"
         + fs("migration_id") + fs("m1")
         + fs("vm_uuid") + "d924" + UUID_TEXT.encode().hex()
         + fs("capabilities") + "81" + fs("multifd") + "c3"

@@ -100,7 +100,7 @@ async def test_qemu_qmp_library_drives_a_whole_migration(pair_factory, tmp_path)
     from qemu.qmp import QMPClient
 
     async with pair_factory(["vfio-sim,id=gpu0,state-size=4M",
-                             "vfio-sim,id=gpu1,state-size=2M"]) as pair:
+                             "vfio-sim,id=gpu1,state-size=2M"]):
         src, dst = QMPClient("src"), QMPClient("dst")
         await src.connect(str(tmp_path / "src.qmp"))
         await dst.connect(str(tmp_path / "dst.qmp"))

@@ -28,7 +28,8 @@ from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from enum import Enum
 from fractions import Fraction
-from typing import Any, Callable, Final
+from typing import Any, Final
+from collections.abc import Callable
 
 from protocol.errors import ConfigError
 

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from migrate_common.qmp_client import QmpClient
 
-__all__ = ["human_bytes", "progress_line", "watch", "summary_lines", "FINAL_STATES"]
+__all__ = ["Bar", "human_bytes", "progress_line", "watch", "summary_lines", "FINAL_STATES"]
 
 FINAL_STATES = ("completed", "failed", "cancelled")
 
@@ -33,11 +33,36 @@ def _rate(n_bytes: float, seconds: float) -> str:
     return f"{n_bytes / seconds / 1e9:.2f} GB/s"
 
 
-def progress_line(info: dict[str, Any], rate_bps: float | None = None) -> str:
+class Bar:
+    """A bar of sent / (sent + remaining) that never moves backwards.
+
+    ``remaining`` is an estimate that can grow (re-dirtied data), so the bar keeps
+    the largest fraction seen: it may pause, but never runs backwards.
+    """
+
+    def __init__(self, width: int = 24) -> None:
+        self.width = width
+        self.best = 0.0
+
+    def render(self, sent: int, remaining: int | None, done: bool) -> str:
+        if done:
+            self.best = 1.0
+        elif remaining is not None and sent + remaining > 0:
+            self.best = max(self.best, sent / (sent + remaining))
+        filled = int(self.best * self.width)
+        return "[" + "#" * filled + "." * (self.width - filled) + "]"
+
+
+def progress_line(info: dict[str, Any], rate_bps: float | None = None,
+                  bar: Bar | None = None) -> str:
     status = info.get("status", "none")
     sent = info.get("ram", {}).get("transferred", 0)
     elapsed = info.get("total-time", 0) / 1000
-    parts = [f"{status:<10}", f"{elapsed:6.1f}s", f"sent {human_bytes(sent):>10}"]
+    parts = [f"{status:<10}", f"{elapsed:6.1f}s"]
+    if bar is not None:
+        parts.append(bar.render(info.get("vfio", {}).get("transferred", 0),
+                                info.get("x-remaining"), status == "completed"))
+    parts.append(f"sent {human_bytes(sent):>10}")
     if rate_bps is not None:
         parts.append(f"{rate_bps / 1e9:5.2f} GB/s")
     if "x-remaining" in info and status in ("setup", "active", "device"):
@@ -57,6 +82,7 @@ async def watch(client: QmpClient, out: TextIO = sys.stdout, interval: float = 0
     last_sent, last_t = 0, start
     rate: float | None = None
     last_printed = 0.0
+    bar = Bar()
     while True:
         info = await client.execute("query-migrate")
         now = time.monotonic()
@@ -66,10 +92,10 @@ async def watch(client: QmpClient, out: TextIO = sys.stdout, interval: float = 0
         last_sent, last_t = sent, now
         status = info.get("status", "none")
         if tty:
-            out.write("\r\033[K" + progress_line(info, rate))
+            out.write("\r\033[K" + progress_line(info, rate, bar))
             out.flush()
         elif now - last_printed >= 1.0 or status in FINAL_STATES:
-            out.write(progress_line(info, rate) + "\n")
+            out.write(progress_line(info, rate, bar) + "\n")
             last_printed = now
         if status in FINAL_STATES:
             if tty:

@@ -421,6 +421,7 @@ class IncomingMigration:
             raise UnknownDeviceError(f"destination device(s) {', '.join(missing)} have no "
                                      "counterpart on the source")
         self.hello = hello
+        self.log = self.log.bind(migration=hello.migration_id[:8])
         self.return_path = bool(caps.get("return-path"))
         self.switchover_ack = bool(caps.get("switchover-ack"))
         self.log.info("hello accepted", migration=hello.migration_id[:8],

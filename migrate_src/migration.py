@@ -419,8 +419,10 @@ class OutgoingMigration:
             "mbps": round(mbps, 3),
         }
         info["vfio"] = {"transferred": self.device_bytes()}
-        remaining = sum(h.pending_exact() for h in self.handlers) if status in (
-            S.SETUP, S.ACTIVE, S.DEVICE) else 0
+        remaining = 0
+        if status in (S.SETUP, S.ACTIVE, S.DEVICE):
+            remaining = (sum(h.pending_exact() for h in self.handlers) if self.handlers
+                         else sum(d.stop_copy_size() for d in self.vm.devices.values()))
         info["x-remaining"] = remaining
         info["x-iterations"] = self.iterations
         channels = []

@@ -298,7 +298,12 @@ class IncomingMigration:
                 yield event.message, event.payload
 
     def _allocate_main(self, size: int) -> memoryview:
-        return memoryview(bytearray(size))
+        # pooled: a fresh 1 MiB bytearray per record would fault in new pages each time
+        return memoryview(self.pool.take(size))
+
+    def _release_main(self, payload: memoryview | None) -> None:
+        if payload is not None and isinstance(payload.obj, bytearray):
+            self.pool.give(payload.obj)
 
     async def _main_loop(self) -> None:
         messages = self._messages()
@@ -320,7 +325,10 @@ class IncomingMigration:
                 if section is None or body_done:
                     raise SequenceError("VFIO record outside a section body")
                 handler, kind, _ = section
-                body_done = await handler.load_state(kind, message, payload)
+                try:
+                    body_done = await handler.load_state(kind, message, payload)
+                finally:
+                    self._release_main(payload)
             elif isinstance(message, (SectionStart, SectionFull)):
                 if section is not None:
                     raise SequenceError("section started inside another section")

@@ -16,6 +16,8 @@ from migrate_common.settings import MigrationSettings
 from protocol.errors import ConfigError
 from vm.machine import DEFAULT_DEVICE_OPTIONS, VirtualMachine
 from vm.properties import parse_device_option
+from vm.ram import parse_memory_backend, parse_memory_option
+from vm.workload import parse_workload_option
 
 __all__ = ["common_parser", "build_vm", "build_settings", "run_main", "qmp_address"]
 
@@ -31,6 +33,17 @@ def common_parser(prog: str, description: str, default_qmp: str) -> argparse.Arg
                         help="a device, QEMU -device syntax, e.g. "
                              "vfio-sim,id=gpu0,state-size=512M (repeatable; default: the "
                              "embedded VM with 4 devices of 256 MiB)")
+    parser.add_argument("--memory", metavar="SIZE[,fill=zero|random|mixed][,block=NAME:SIZE]",
+                        help="guest RAM, e.g. 1G (block pc.ram); both sides need the same "
+                             "(default: no guest RAM)")
+    parser.add_argument("--memory-backend", default="anonymous",
+                        metavar="anonymous|file:DIR[,share=on]",
+                        help="what backs guest RAM: anonymous memory, or one file per RAM "
+                             "block in DIR (e.g. under /dev/shm) to inspect it afterwards")
+    parser.add_argument("--workload", metavar="dirty-rate=RATE,pattern=random|sequential|"
+                        "hotspot,seed=N",
+                        help="a guest that writes RAM while the VM runs (source: from the "
+                             "start; destination: once the migrated VM runs)")
     parser.add_argument("--capability", action="append", default=[], metavar="NAME=on|off",
                         help="set a migration capability at start (like "
                              "migrate-set-capabilities), e.g. multifd=on")
@@ -49,7 +62,11 @@ def build_vm(args: argparse.Namespace, role: str) -> VirtualMachine:
     options = args.device or list(DEFAULT_DEVICE_OPTIONS)
     configs = [parse_device_option(text) for text in options]
     vm_uuid = uuid.UUID(args.uuid) if args.uuid else uuid.UUID(int=0)
-    return VirtualMachine(configs, uuid=vm_uuid, role=role)  # type: ignore[arg-type]
+    memory = parse_memory_option(args.memory) if args.memory else None
+    backend = parse_memory_backend(args.memory_backend)
+    workload = parse_workload_option(args.workload) if args.workload else None
+    return VirtualMachine(configs, uuid=vm_uuid, role=role,  # type: ignore[arg-type]
+                          memory=memory, memory_backend=backend, workload=workload)
 
 
 def build_settings(args: argparse.Namespace) -> MigrationSettings:

@@ -39,6 +39,7 @@ class DaemonBase:
         self.qmp = QmpServer(self.commands(), package=f"multifd-migrate {self.side}",
                              log=self.log)
         self.stopped = asyncio.Event()
+        self._workload_task: asyncio.Task[None] | None = None
 
     # -- events -------------------------------------------------------------------------
     def _on_status(self, status: MigrationStatus) -> None:
@@ -162,7 +163,13 @@ class DaemonBase:
             devices.append({"id": device.id, "idstr": device.idstr, "digest": digest,
                             "size": size, "size-text": format_size(size),
                             "device-state": device.state.name.lower().replace("_", "-")})
-        return {"devices": devices, "vm-status": self.vm.run_state.value}
+        result: dict[str, Any] = {"devices": devices, "vm-status": self.vm.run_state.value}
+        if self.vm.ram is not None:
+            result["ram"] = {"digest": await self.vm.ram.digest_async(),
+                             "size": self.vm.ram.total_size,
+                             "blocks": {b.name: b.used_length
+                                        for b in self.vm.ram.blocks.values()}}
+        return result
 
     async def cmd_quit(self, args: dict[str, Any]) -> dict[str, Any]:
         asyncio.get_running_loop().call_soon(self.stopped.set)
@@ -174,9 +181,18 @@ class DaemonBase:
         # allocates guest memory at start: generate (source) or pre-fault
         # (destination) it now, so that no migration pays for first-touch faults
         await self.vm.prepare()
+        if self.vm.workload is not None:
+            self._workload_task = asyncio.get_running_loop().create_task(
+                self.vm.workload.run(), name="guest-workload")
         await self.qmp.start(qmp_address)
 
     async def shutdown(self) -> None:
+        if self._workload_task is not None:
+            self._workload_task.cancel()
+            try:
+                await self._workload_task
+            except asyncio.CancelledError:
+                pass
         await self.qmp.close()
 
 

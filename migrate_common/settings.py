@@ -31,6 +31,7 @@ SUPPORTED_CAPABILITIES = frozenset({"events", "return-path", "multifd", "switcho
 PARAMETER_DEFAULTS: dict[str, Any] = {
     "multifd-channels": 2,
     "multifd-compression": "none",
+    "zero-page-detection": "multifd",
     "downtime-limit": 300,            # ms
     "max-bandwidth": 128 * 1024 * 1024,  # bytes/s, live phase only
     "x-connect-timeout": 10_000,      # ms: connecting, handshakes, waiting for channels
@@ -45,6 +46,7 @@ _INT_RANGES = {
     "x-switchover-timeout": (100, 3_600_000),
 }
 _COMPRESSION = ("none", "zlib", "zstd")
+_ZERO_PAGE_DETECTION = ("none", "legacy", "multifd")
 
 
 @dataclass
@@ -104,6 +106,10 @@ class MigrationSettings:
                 lo, hi = _INT_RANGES[name]
                 if not lo <= value <= hi:
                     raise ConfigError(f"Parameter '{name}' expects a value between {lo} and {hi}")
+            elif name == "zero-page-detection":
+                if value not in _ZERO_PAGE_DETECTION:
+                    raise ConfigError("Parameter 'zero-page-detection' expects one of "
+                                      + ", ".join(_ZERO_PAGE_DETECTION))
             elif name == "multifd-compression":
                 if value not in _COMPRESSION:
                     raise ConfigError(f"Parameter 'multifd-compression' expects one of "

@@ -60,8 +60,7 @@ def progress_line(info: dict[str, Any], rate_bps: float | None = None,
     elapsed = info.get("total-time", 0) / 1000
     parts = [f"{status:<10}", f"{elapsed:6.1f}s"]
     if bar is not None:
-        parts.append(bar.render(info.get("vfio", {}).get("transferred", 0),
-                                info.get("x-remaining"), status == "completed"))
+        parts.append(bar.render(sent, info.get("x-remaining"), status == "completed"))
     parts.append(f"sent {human_bytes(sent):>10}")
     if rate_bps is not None:
         parts.append(f"{rate_bps / 1e9:5.2f} GB/s")

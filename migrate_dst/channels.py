@@ -54,14 +54,22 @@ class BufferPool:
 DeviceLookup = Callable[[str, int], Any]
 
 
+def _no_ram(name: str) -> int | None:
+    return None
+
+
 class ReceiveChannel:
     """One multifd channel of an incoming migration, after its init was accepted."""
 
     def __init__(self, channel_id: int, sock: socket.socket, pool: BufferPool,
-                 lookup: DeviceLookup, log: Any) -> None:
+                 lookup: DeviceLookup, log: Any, ram: Any = None) -> None:
         self.id = channel_id
         self.sock = sock
-        self.decoder = ChannelDecoder(expect_init=False, allocate=self.allocate)
+        self.ram = ram  # the RamLoadHandler, when the VM has guest RAM
+        block_size = ram.ram.block_size if ram is not None else _no_ram
+        self.decoder = ChannelDecoder(expect_init=False, allocate=self.allocate,
+                                      page_size=ram.ram.page_size if ram is not None else 4096,
+                                      block_size=block_size, channel=f"multifd {channel_id}")
         self.pool = pool
         self.lookup = lookup
         self.log = log.bind(channel=channel_id)
@@ -86,8 +94,7 @@ class ReceiveChannel:
                         self.closed = True
                         return
                     elif isinstance(event, RamPacketReceived):
-                        raise SequenceError(f"multifd channel {self.id}: RAM packet received "
-                                            "but this VM has no guest RAM to load it into")
+                        await self._on_ram(event)
                     else:
                         raise SequenceError(f"multifd channel {self.id}: unexpected "
                                             f"{type(event).__name__}")
@@ -111,6 +118,22 @@ class ReceiveChannel:
                                      f"{header.instance_id}")
         pool = self.pool
         handler.load_state_buffer(event.payload, lambda: pool.give(buf))
+
+    async def _on_ram(self, event: RamPacketReceived) -> None:
+        self.packets += 1
+        if TRACE.packets:
+            p = event.packet
+            self.log.debug("<- ram", block=p.ramblock, normal=p.normal_pages,
+                           zero=p.zero_pages, sync=p.is_sync, num=p.packet_num)
+        if self.ram is None:
+            raise SequenceError(f"multifd channel {self.id}: RAM packet received but this VM "
+                                "has no guest RAM to load it into")
+        buf = event.payload.obj
+        try:
+            await self.ram.load_packet(self.id, event.packet, event.payload)
+        finally:
+            if isinstance(buf, bytearray):
+                self.pool.give(buf)
 
     def close(self) -> None:
         try:

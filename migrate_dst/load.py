@@ -64,6 +64,10 @@ class VfioLoadHandler:
     def idstr(self) -> str:
         return self.device.idstr
 
+    @property
+    def version_id(self) -> int:
+        return self.device.version_id
+
     def switchover_ack_needed(self) -> bool:
         return self.switchover_ack and self.device.config.precopy_size > 0
 
@@ -80,6 +84,9 @@ class VfioLoadHandler:
     async def load_state(self, kind: SectionKind, record: VfioRecord,
                          payload: memoryview | None) -> bool:
         """Apply one record of a section body; True when the body is complete."""
+        if not isinstance(record, VfioRecord):
+            raise SequenceError(f"device {self.device.id}: {type(record).__name__} record in "
+                                "a VFIO section")
         marker = record.marker
         dev = self.device.id
         if marker is VfioMigFlag.END_OF_STATE:

@@ -43,7 +43,9 @@ from migrate_common.status import StatusMachine
 from migrate_dst.channels import BufferPool, ReceiveChannel
 from migrate_dst.incoming import classify_connection
 from migrate_dst.load import SectionKind, VfioLoadHandler
+from migrate_dst.ram import RamLoadHandler, RecvSync
 from protocol.control import (
+    RAM_DIGEST_KEY,
     SCHEMA_VERSION,
     ChannelKind,
     Command,
@@ -55,6 +57,11 @@ from protocol.control import (
     HelloReply,
     MessageReceived,
     Pong,
+    RamEos,
+    RamFlush,
+    RamPages,
+    RamSetup,
+    RamZeroPages,
     SectionEnd,
     SectionFooter,
     SectionFull,
@@ -109,7 +116,11 @@ class IncomingMigration:
         self.hello: Hello | None = None
         self.handlers: dict[str, VfioLoadHandler] = {}
         self._by_idstr: dict[tuple[str, int], VfioLoadHandler] = {}
-        self._sections: dict[int, tuple[VfioLoadHandler, str]] = {}
+        self._sections: dict[int, tuple[Any, str]] = {}
+        self.recv_sync = (RecvSync(self.channel_count, self._timeout_switchover())
+                          if self.channel_count else None)
+        self.ram_handler = (RamLoadHandler(vm.ram, self.recv_sync, self.log)
+                            if vm.ram is not None else None)
         # None until the hello says; an early failure still tries to tell the source
         self.return_path: bool | None = None
         self.switchover_ack = False
@@ -160,7 +171,7 @@ class IncomingMigration:
         init.validate(expected_uuid=self.vm.uuid.bytes, channels=self.channel_count,
                       connected=self.channels.keys())
         channel = ReceiveChannel(init.channel_id, sock, self.pool, self._lookup_handler,
-                                 self.log)
+                                 self.log, ram=self.ram_handler)
         self.channels[init.channel_id] = channel
         self.log.info("multifd channel connected", channel=init.channel_id,
                       connected=len(self.channels), of=self.channel_count)
@@ -175,6 +186,9 @@ class IncomingMigration:
 
     def _timeout(self) -> float:
         return float(self.settings.param("x-connect-timeout")) / 1000.0
+
+    def _timeout_switchover(self) -> float:
+        return float(self.settings.param("x-switchover-timeout")) / 1000.0
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -321,9 +335,14 @@ class IncomingMigration:
         section: tuple[VfioLoadHandler, SectionKind, int] | None = None
         body_done = False
         async for message, payload in messages:
-            if isinstance(message, VfioRecord):
+            if isinstance(message, (VfioRecord, RamSetup, RamPages, RamZeroPages, RamFlush,
+                                    RamEos)):
                 if section is None or body_done:
-                    raise SequenceError("VFIO record outside a section body")
+                    raise SequenceError(f"{type(message).__name__} record outside a "
+                                        "section body")
+                if (section[0] is self.ram_handler) != (not isinstance(message, VfioRecord)):
+                    raise SequenceError(f"{type(message).__name__} record in the section of "
+                                        f"{section[0].idstr!r}")
                 handler, kind, _ = section
                 try:
                     body_done = await handler.load_state(kind, message, payload)
@@ -387,6 +406,11 @@ class IncomingMigration:
         if bool(caps.get("switchover-ack")) != self.settings.cap("switchover-ack"):
             raise ConfigError("switchover-ack capability differs between source and "
                               "destination; set it on both sides")
+        src_ram = int(hello.parameters.get("ram-size", 0))
+        dst_ram = self.vm.ram.total_size if self.vm.ram is not None else 0
+        if src_ram != dst_ram:
+            raise ConfigError(f"guest RAM size differs: source {src_ram} bytes, destination "
+                              f"{dst_ram} bytes; start both sides with the same --memory")
         seen: set[str] = set()
         for desc in hello.devices:
             device = self.vm.devices.get(desc.id)
@@ -445,6 +469,8 @@ class IncomingMigration:
                 on_ack=self._device_acked)
             self.handlers[desc.id] = handler
             self._by_idstr[(device.idstr, device.instance_id)] = handler
+        if self.ram_handler is not None:
+            await self.ram_handler.load_setup()
         for handler in self.handlers.values():
             await handler.load_setup()
         self._acks_needed = sum(h.switchover_ack_needed() for h in self.handlers.values())
@@ -461,14 +487,17 @@ class IncomingMigration:
             self._ack_sent = True
             await self._send_rp(SwitchoverAck())
 
-    def _bind_section(self, message: SectionStart | SectionFull) -> VfioLoadHandler:
-        handler = self._by_idstr.get((message.idstr, message.instance_id))
+    def _bind_section(self, message: SectionStart | SectionFull) -> Any:
+        handler: Any = self._by_idstr.get((message.idstr, message.instance_id))
+        if handler is None and self.ram_handler is not None and (
+                message.idstr, message.instance_id) == ("ram", 0):
+            handler = self.ram_handler
         if handler is None:
             raise UnknownDeviceError(f"section for unknown device {message.idstr!r} "
                                      f"instance {message.instance_id}")
-        if message.version_id > handler.device.version_id:
+        if message.version_id > handler.version_id:
             raise BadVersionError(f"section {message.idstr!r}: version {message.version_id} "
-                                  f"is newer than ours ({handler.device.version_id})")
+                                  f"is newer than ours ({handler.version_id})")
         bound = self._sections.get(message.section_id)
         if bound is not None and bound[0] is not handler:
             raise SequenceError(f"section id {message.section_id} reused for another device")
@@ -510,10 +539,19 @@ class IncomingMigration:
                 raise VerificationError(f"device {device_id}: loaded state digest {mine} "
                                         f"does not match the source's {theirs}")
             digests[device_id] = mine
+        if self.vm.ram is not None:
+            mine = await self.vm.ram.digest_async()
+            theirs = eof.digests.get(RAM_DIGEST_KEY)
+            if theirs != mine:
+                raise VerificationError(f"guest RAM: loaded digest {mine} does not match the "
+                                        f"source's {theirs}")
+            digests[RAM_DIGEST_KEY] = mine
         self._checkpoint("digests-verified")
         for handler in self.handlers.values():
             await handler.device.set_state(DeviceState.RUNNING)
         self.vm.set_run_state(RunState.RUNNING)
+        if self.vm.workload is not None:
+            self.vm.workload.resume()  # the guest carries on where it stopped
         self._checkpoint("vm-started")
         self.status.set(S.COMPLETED)
         if self.return_path:
@@ -532,6 +570,8 @@ class IncomingMigration:
                      for c in sorted(self.channels.values(), key=lambda c: c.id)]
         info["x-channels"] = channels
         info["x-devices"] = [h.stats() for h in self.handlers.values()]
+        if self.ram_handler is not None:
+            info["ram"] = self.ram_handler.stats()
         if self.checkpoints:
             info["x-downtime-checkpoints"] = dict(self.checkpoints)
         if status is S.FAILED and self.error_desc:

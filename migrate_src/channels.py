@@ -35,9 +35,11 @@ from protocol.control import (
     encode_preamble,
 )
 from protocol.errors import ChannelError, RemoteProtocolError, SequenceError
-from protocol.multifd import ChannelInit
+from protocol.multifd import ChannelInit, RamPacket, ram_page_count
+from vm.ram import RamBlock, is_zero_page
 
-__all__ = ["MainChannel", "MultifdSender", "ChannelStats"]
+__all__ = ["MainChannel", "MultifdSender", "ChannelStats", "Job", "DeviceStateJob", "RamJob",
+           "SyncJob"]
 
 
 @dataclass
@@ -113,12 +115,92 @@ class MainChannel:
             raise SequenceError(f"unexpected {type(message).__name__} on the return path")
 
 
+class Job:
+    """One unit of work for a multifd channel; ``build`` runs in the channel task."""
+
+    kind = "job"
+
+    def build(self, sender: MultifdSender) -> Sequence[Buffer]:
+        raise NotImplementedError
+
+
+class DeviceStateJob(Job):
+    """A device-state packet whose header and payload views are already built."""
+
+    kind = "device-state"
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: Sequence[Buffer]) -> None:
+        self.parts = parts
+
+    def build(self, sender: MultifdSender) -> Sequence[Buffer]:
+        return self.parts
+
+
+class RamJob(Job):
+    """Up to ``page_count`` pages of one RAM block.
+
+    Zero-page detection runs here, in the channel task (QEMU's
+    ``zero-page-detection=multifd``): the batch is split into normal pages, whose
+    data is sent, and zero pages, of which only the offsets travel.
+    """
+
+    kind = "ram"
+    __slots__ = ("block", "pages", "detect_zero")
+
+    def __init__(self, block: RamBlock, pages: list[int], detect_zero: bool) -> None:
+        self.block = block
+        self.pages = pages
+        self.detect_zero = detect_zero
+
+    def build(self, sender: MultifdSender) -> Sequence[Buffer]:
+        block = self.block
+        size = block.page_size
+        view = block.view
+        normal: list[int] = []
+        zero: list[int] = []
+        if self.detect_zero:
+            for index in self.pages:
+                off = index * size
+                (zero if is_zero_page(view[off:off + size]) else normal).append(off)
+        else:
+            normal = [index * size for index in self.pages]
+        packet = RamPacket(flags=0, pages_alloc=sender.page_count, normal_pages=len(normal),
+                           next_packet_size=len(normal) * size,
+                           packet_num=sender.next_packet_num(), zero_pages=len(zero),
+                           ramblock=block.name, offsets=tuple(normal + zero))
+        parts: list[Buffer] = [packet.encode(sender.page_count)]
+        # contiguous normal pages leave as one view
+        run_start = run_end = -1
+        for off in normal:
+            if off == run_end:
+                run_end += size
+                continue
+            if run_start >= 0:
+                parts.append(view[run_start:run_end])
+            run_start, run_end = off, off + size
+        if run_start >= 0:
+            parts.append(view[run_start:run_end])
+        sender.ram_normal_pages += len(normal)
+        sender.ram_zero_pages += len(zero)
+        return parts
+
+
+class SyncJob(Job):
+    """QEMU's SYNC packet: empty, flags ``SYNC``, after all earlier packets."""
+
+    kind = "sync"
+
+    def build(self, sender: MultifdSender) -> Sequence[Buffer]:
+        return [RamPacket.sync_packet(sender.next_packet_num()).encode(sender.page_count)]
+
+
 @dataclass
 class _SendChannel:
     id: int
     sock: socket.socket
     stats: ChannelStats
-    job: Sequence[Buffer] | None = None
+    job: Job | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     busy_time: float = 0.0
 
@@ -127,7 +209,7 @@ class MultifdSender:
     """N multifd channels shared by RAM and device-state packets."""
 
     def __init__(self, socks: list[socket.socket], vm_uuid: bytes, funnel: Funnel,
-                 log: Any) -> None:
+                 log: Any, page_size: int = 4096) -> None:
         self._channels = [_SendChannel(i, s, ChannelStats(str(i))) for i, s in enumerate(socks)]
         self._idle = asyncio.Semaphore(len(socks))
         self._last = len(socks) - 1
@@ -135,10 +217,24 @@ class MultifdSender:
         self._log = log
         self._uuid = vm_uuid
         self.bytes_sent = 0
+        self.page_count = ram_page_count(page_size)
+        self._packet_num = 0
+        self.ram_normal_pages = 0
+        self.ram_zero_pages = 0
+        self.syncs = 0
 
     @property
     def stats(self) -> list[ChannelStats]:
         return [c.stats for c in self._channels]
+
+    @property
+    def channels(self) -> int:
+        return len(self._channels)
+
+    def next_packet_num(self) -> int:
+        num = self._packet_num
+        self._packet_num += 1
+        return num
 
     def start(self) -> None:
         for chan in self._channels:
@@ -152,8 +248,10 @@ class MultifdSender:
             chan.stats.bytes += n
             self.bytes_sent += n
 
-    async def submit(self, parts: Sequence[Buffer]) -> None:
-        """Hand one packet (header and payload views) to the next idle channel."""
+    async def submit(self, job: Job | Sequence[Buffer]) -> None:
+        """Hand one job (or ready header + payload views) to the next idle channel."""
+        if not isinstance(job, Job):
+            job = DeviceStateJob(job)
         await self._idle.acquire()
         n = len(self._channels)
         for step in range(1, n + 1):
@@ -163,8 +261,20 @@ class MultifdSender:
         else:  # the semaphore guarantees an idle channel
             raise AssertionError("no idle multifd channel")
         self._last = chan.id
-        chan.job = parts
+        chan.job = job
         chan.wake.set()
+
+    async def sync(self) -> None:
+        """QEMU's ``multifd_send_sync_main``: one SYNC packet on every channel, each
+        after all the jobs handed to that channel before; returns once all are sent."""
+        n = len(self._channels)
+        for _ in range(n):
+            await self._idle.acquire()
+        for chan in self._channels:
+            chan.job = SyncJob()
+            chan.wake.set()
+        await self.drain()
+        self.syncs += 1
 
     async def _run(self, chan: _SendChannel) -> None:
         log = self._log.bind(channel=chan.id)
@@ -174,8 +284,9 @@ class MultifdSender:
             job = chan.job
             assert job is not None
             start = time.perf_counter()
+            parts = job.build(self)
             try:
-                n = await sendmsg_all(chan.sock, job)
+                n = await sendmsg_all(chan.sock, parts)
             except OSError as exc:
                 raise ChannelError(f"multifd channel {chan.id}: send failed: "
                                    f"{exc.strerror or exc}", channel=str(chan.id)) from exc
@@ -184,7 +295,7 @@ class MultifdSender:
             chan.stats.packets += 1
             self.bytes_sent += n
             if TRACE.packets:
-                log.debug("-> multifd", bytes=n, packet=chan.stats.packets)
+                log.debug("-> multifd", kind=job.kind, bytes=n, packet=chan.stats.packets)
             chan.job = None
             self._idle.release()
 

@@ -64,6 +64,24 @@ class SourceDaemon(DaemonBase):
                                                             name="outgoing-migration")
         return {}
 
+    #: parameters QEMU lets a running migration pick up at once
+    LIVE_PARAMETERS = frozenset({"max-bandwidth", "downtime-limit"})
+
+    async def cmd_set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
+        migration = self.migration
+        if migration is None or not self.migration_running():
+            return await super().cmd_set_parameters(args)
+        fixed = sorted(set(args) - self.LIVE_PARAMETERS)
+        if fixed:
+            raise QmpError(f"cannot change {', '.join(fixed)} while a migration is in "
+                           f"progress; only {', '.join(sorted(self.LIVE_PARAMETERS))} can")
+        try:
+            self.settings.set_parameters(args)
+            migration.update_parameters(args)
+        except ConfigError as exc:
+            raise QmpError(str(exc)) from None
+        return {}
+
     async def cmd_migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.migration is not None:
             self.migration.cancel()
@@ -78,6 +96,8 @@ class SourceDaemon(DaemonBase):
         if self.status.in_progress:
             raise QmpError("cannot stop the VM while a migration is in progress")
         if self.vm.run_state is RunState.RUNNING:
+            if self.vm.workload is not None:
+                self.vm.workload.pause()
             for device in self.vm.devices.values():
                 await device.set_state(DeviceState.STOP)
             self.vm.set_run_state(RunState.PAUSED)
@@ -93,6 +113,8 @@ class SourceDaemon(DaemonBase):
                 elif device.state is not DeviceState.RUNNING:
                     await device.set_state(DeviceState.RUNNING)
             self.vm.set_run_state(RunState.RUNNING)
+            if self.vm.workload is not None:
+                self.vm.workload.resume()
         return {}
 
     async def shutdown(self) -> None:

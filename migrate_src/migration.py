@@ -39,8 +39,10 @@ from migrate_common.settings import (
 from migrate_common.status import MigrationStatus as S
 from migrate_common.status import StatusMachine
 from migrate_src.channels import MainChannel, MultifdSender
+from migrate_src.ram import RamSaveHandler
 from migrate_src.save import VfioSaveHandler
 from protocol.control import (
+    RAM_DIGEST_KEY,
     SCHEMA_VERSION,
     Command,
     CommandType,
@@ -115,6 +117,10 @@ class OutgoingMigration:
         self.expected_downtime: float | None = None
         self.bandwidth: float = 0.0     # bytes/s measured in the live phase
         self.handlers: list[VfioSaveHandler] = []
+        self.ram_handler: RamSaveHandler | None = None
+        self.pacer: _Pacer | None = None
+        self.convergence: dict[str, Any] = {}
+        self._ram_digest: asyncio.Future[str] | None = None
         self.main: MainChannel | None = None
         self.sender: MultifdSender | None = None
         self.error_desc: str | None = None
@@ -133,6 +139,16 @@ class OutgoingMigration:
             self.log.info("migration cancel requested")
             self._abort_save.set()
             self.funnel.cancel_all()
+
+    def update_parameters(self, args: dict[str, Any]) -> None:
+        """``migrate-set-parameters`` during the migration: takes effect at once
+        (``max-bandwidth`` only for the live phase; the switchover is never paced)."""
+        self.settings.set_parameters(args)
+        if "max-bandwidth" in args and self.pacer is not None and \
+                self.status.status is not S.DEVICE:
+            self.pacer.limit = int(args["max-bandwidth"])
+        self.log.info("parameters changed during migration", **{
+            k.replace("-", "_"): v for k, v in args.items()})
 
     async def run(self) -> None:
         """The whole migration; never raises for migration errors (status says why)."""
@@ -180,7 +196,7 @@ class OutgoingMigration:
 
     async def _finish_success(self) -> None:
         self._close_sockets()
-        for handler in self.handlers:
+        for handler in self._all_handlers():
             await handler.save_cleanup(completed=True)
         self.end_time = self.clock()
         await self.funnel.close()
@@ -204,8 +220,14 @@ class OutgoingMigration:
         for device in self.vm.devices.values():  # devices that never got a handler
             if device.state is DeviceState.ERROR:
                 device.reset()
+        if self._ram_digest is not None and not self._ram_digest.done():
+            self._ram_digest.cancel()
+        if self.ram_handler is not None:
+            self.ram_handler.ram.stop_dirty_tracking()
         if self.vm.run_state is not RunState.RUNNING:
             self.vm.set_run_state(RunState.RUNNING)
+        if self.vm.workload is not None:
+            self.vm.workload.resume()
 
     # -- the migration itself -----------------------------------------------------------
     async def _migrate(self) -> None:
@@ -238,7 +260,9 @@ class OutgoingMigration:
                 for s in good:
                     s.close()
                 raise errors[0]
-            self.sender = MultifdSender(good, self.vm.uuid.bytes, self.funnel, self.log)
+            page_size = self.vm.ram.page_size if self.vm.ram is not None else 4096
+            self.sender = MultifdSender(good, self.vm.uuid.bytes, self.funnel, self.log,
+                                        page_size=page_size)
             await self.sender.send_init()
             self.sender.start()
         await self.main.send_preamble()
@@ -259,7 +283,13 @@ class OutgoingMigration:
                 instance_id=device.instance_id, version_id=device.version_id,
                 multifd_transfer=mode, load_config_after_iter=interlock,
                 properties=device.config.properties()))
-        # digests of the state we are about to send; computed off the event loop
+        self.pacer = _Pacer(int(settings.param("max-bandwidth")), self.clock)
+        if self.vm.ram is not None:
+            self.ram_handler = RamSaveHandler(
+                self.vm.ram, 0, main=self.main, sender=self.sender,
+                zero_page_detection=settings.param("zero-page-detection"),
+                pace=self.pacer.account, log=self.log, on_pass=self._on_pass)
+        # device digests of the state we are about to send (RAM's comes at VM stop)
         self.digests = await self.vm.digests()
 
         hello = Hello(
@@ -267,7 +297,9 @@ class OutgoingMigration:
             capabilities={n: settings.cap(n) for n in ("multifd", "return-path",
                                                        "switchover-ack", "validate-uuid")},
             parameters={"multifd-channels": settings.param("multifd-channels") if multifd else 0,
-                        "multifd-compression": settings.param("multifd-compression")},
+                        "multifd-compression": settings.param("multifd-compression"),
+                        "zero-page-detection": settings.param("zero-page-detection"),
+                        "ram-size": self.vm.ram.total_size if self.vm.ram is not None else 0},
             devices=tuple(descriptors))
         await self.main.send(hello)
         if return_path:
@@ -280,7 +312,7 @@ class OutgoingMigration:
             if not reply.accepted:
                 raise RemoteProtocolError(f"destination refused the migration: {reply.error}")
             await self.main.send(Command(CommandType.OPEN_RETURN_PATH))
-        for handler in self.handlers:
+        for handler in self._all_handlers():
             await self.main.send(SectionStart(handler.section_id, handler.idstr,
                                               handler.instance_id, handler.version_id))
             await handler.save_setup()
@@ -294,31 +326,75 @@ class OutgoingMigration:
             total += self.sender.bytes_sent
         return total
 
+    def _all_handlers(self) -> list[Any]:
+        """Every section in registration order: RAM first, as QEMU registers it."""
+        return ([self.ram_handler] if self.ram_handler is not None else []) + list(self.handlers)
+
+    def _on_pass(self, count: int) -> None:
+        self.emit_event("MIGRATION_PASS", {"pass": count})
+
+    def _threshold(self) -> float:
+        """Bytes that may remain at switchover: bandwidth × downtime-limit."""
+        return self.bandwidth * float(self.settings.param("downtime-limit")) / 1000.0
+
     async def _live_phase(self) -> None:
-        assert self.main is not None
-        pacer = _Pacer(int(self.settings.param("max-bandwidth")), self.clock)
+        assert self.main is not None and self.pacer is not None
         need_ack = self.settings.cap("switchover-ack")
-        phase_start, bytes_start = self.clock(), self._bytes_sent()
+        window_start, window_bytes = self.clock(), self._bytes_sent()
         while True:
-            active = [h for h in self.handlers if h.is_active_iterate()]
-            if not active:
-                if not need_ack or self.main.switchover_ack.is_set():
+            devices = [h for h in self.handlers if h.is_active_iterate()]
+            ram = self.ram_handler
+            can_switch = not need_ack or self.main.switchover_ack.is_set()
+            if not devices and can_switch:
+                if ram is None:
                     break
+                # QEMU: an estimate below the threshold triggers an exact dirty sync
+                if ram.pending() <= self._threshold() and \
+                        ram.pending_exact() <= self._threshold():
+                    break
+            elif not devices and ram is None:
                 # nothing left to pre-copy: wait for the destination to allow switchover
                 await self.main.switchover_ack.wait()
                 continue
             self.iterations += 1
-            for handler in active:
+            if ram is not None:
+                await self.main.send(SectionPart(ram.section_id))
+                await ram.save_live_iterate()
+                await self.main.send(SectionFooter(ram.section_id))
+            for handler in devices:
                 before = self._bytes_sent()
                 await self.main.send(SectionPart(handler.section_id))
                 await handler.save_live_iterate()
                 await self.main.send(SectionFooter(handler.section_id))
-                await pacer.account(self._bytes_sent() - before)
-            elapsed = self.clock() - phase_start
-            if elapsed > 0:
-                self.bandwidth = (self._bytes_sent() - bytes_start) / elapsed
-                remaining = sum(h.pending_exact() for h in self.handlers)
-                self.expected_downtime = remaining / self.bandwidth if self.bandwidth else None
+                await self.pacer.account(self._bytes_sent() - before)
+            now = self.clock()
+            if now - window_start >= BANDWIDTH_WINDOW:
+                sent = self._bytes_sent()
+                self.bandwidth = (sent - window_bytes) / (now - window_start)
+                window_start, window_bytes = now, sent
+            self._update_convergence()
+
+    def _update_convergence(self) -> None:
+        remaining = sum(h.pending_exact() for h in self.handlers)
+        ram = self.ram_handler
+        if ram is not None:
+            remaining += ram.pending()
+        self.expected_downtime = remaining / self.bandwidth if self.bandwidth else None
+        if ram is None or ram.rounds < 2 or not self.bandwidth:
+            self.convergence = {}
+            return
+        dirty_bps = ram.dirty_rate * ram.page_size
+        converging = dirty_bps < 0.9 * self.bandwidth
+        self.convergence = {
+            "converging": converging,
+            "dirty-rate": int(dirty_bps), "bandwidth": int(self.bandwidth),
+            "threshold": int(self._threshold()),
+        }
+        if not converging:
+            self.convergence["reason"] = (
+                f"the guest dirties {dirty_bps / 1e6:.0f} MB/s but the migration moves "
+                f"{self.bandwidth / 1e6:.0f} MB/s: raise max-bandwidth or downtime-limit, "
+                "or cancel")
 
     def _checkpoint(self, name: str) -> None:
         assert self.downtime_start is not None
@@ -329,7 +405,14 @@ class OutgoingMigration:
         self.downtime_start = self.clock()
         self._checkpoint("downtime-start")
         self.vm.set_run_state(RunState.FINISH_MIGRATE)
+        if self.vm.workload is not None:
+            self.vm.workload.pause()
         self.status.set(S.DEVICE)
+        if self.pacer is not None:
+            self.pacer.limit = 0  # no throttling while the VM is stopped
+        if self.vm.ram is not None:
+            # the guest is stopped, so this is the content the destination must end with
+            self._ram_digest = asyncio.ensure_future(self.vm.ram.digest_async())
         # VM-state callbacks: every device quiesces at the same time
         await asyncio.gather(*(h.on_vm_stop() for h in self.handlers))
         self._checkpoint("vm-stopped")
@@ -352,7 +435,7 @@ class OutgoingMigration:
                     save_tasks.append(self.funnel.spawn(
                         handler.save_complete_precopy_thread(self.sender, self._abort_save),
                         f"save-{handler.device.id}"))
-        for handler in self.handlers:
+        for handler in self._all_handlers():
             await self.main.send(SectionEnd(handler.section_id))
             await handler.save_complete()
             await self.main.send(SectionFooter(handler.section_id))
@@ -365,6 +448,8 @@ class OutgoingMigration:
             await handler.save_state()
             await self.main.send(SectionFooter(handler.section_id))
         self._checkpoint("non-iterable-saved")
+        if self._ram_digest is not None:
+            self.digests[RAM_DIGEST_KEY] = await self._ram_digest
         await self.main.send(Eof(digests=self.digests))
         self._checkpoint("eof-sent")
         if self.sender is not None:
@@ -418,11 +503,25 @@ class OutgoingMigration:
             "multifd-bytes": multifd_bytes,
             "mbps": round(mbps, 3),
         }
+        ram = self.ram_handler
+        if ram is not None:
+            stats = ram.stats(self.sender)
+            info["ram"].update(stats)
+            info["ram"]["total"] = ram.ram.total_size
+            info["ram"]["page-size"] = ram.page_size
+            info["ram"]["pages-per-second"] = int(
+                (stats["normal"] + stats["duplicate"]) / total_time) if total_time > 0 else 0
+            if status in (S.SETUP, S.ACTIVE, S.DEVICE):
+                info["ram"]["remaining"] = ram.pending()
+        if self.convergence:
+            info["x-convergence"] = dict(self.convergence)
         info["vfio"] = {"transferred": self.device_bytes()}
         remaining = 0
         if status in (S.SETUP, S.ACTIVE, S.DEVICE):
             remaining = (sum(h.pending_exact() for h in self.handlers) if self.handlers
                          else sum(d.stop_copy_size() for d in self.vm.devices.values()))
+            if self.ram_handler is not None:
+                remaining += self.ram_handler.pending()
         info["x-remaining"] = remaining
         info["x-iterations"] = self.iterations
         channels = []

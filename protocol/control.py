@@ -71,6 +71,13 @@ __all__ = [
     "Pong",
     "SwitchoverAck",
     "Shut",
+    "RamSetup",
+    "RamPages",
+    "RamZeroPages",
+    "RamFlush",
+    "RamEos",
+    "MAX_RAM_OFFSETS",
+    "RAM_DIGEST_KEY",
     "ControlMessage",
     "SOURCE_MESSAGES",
     "DESTINATION_MESSAGES",
@@ -298,6 +305,62 @@ class Shut:
     checkpoints: dict[str, float] = field(default_factory=dict)
 
 
+#: Key of guest RAM's digest in :class:`Eof` and :class:`Shut` digests (device ids
+#: start with a letter, so it cannot collide with one).
+RAM_DIGEST_KEY = ":ram"
+
+#: Offsets one RAM record may carry (QEMU batches at most 128 pages per packet).
+MAX_RAM_OFFSETS = 1024
+_PAGE_SIZES = frozenset(1 << n for n in range(10, 20))
+
+
+@dataclass(frozen=True, slots=True)
+class RamSetup:
+    """Body of the RAM START section: QEMU's ``RAM_SAVE_FLAG_MEM_SIZE`` record with
+    the block list (names and used lengths, in order) and the target page size."""
+
+    TYPE: ClassVar[str] = "ram-setup"
+    page_size: int
+    blocks: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RamPages:
+    """Whole pages sent on the main channel (QEMU's ``RAM_SAVE_FLAG_PAGE`` records,
+    used when multifd is off): ``size`` = len(offsets) × page size raw bytes follow,
+    page by page in the order of ``offsets``."""
+
+    TYPE: ClassVar[str] = "ram-pages"
+    block: str
+    offsets: tuple[int, ...]
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RamZeroPages:
+    """Zero pages found by the migration thread (``zero-page-detection=legacy``):
+    QEMU's ``RAM_SAVE_FLAG_ZERO`` records, offsets only."""
+
+    TYPE: ClassVar[str] = "ram-zero"
+    block: str
+    offsets: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RamFlush:
+    """QEMU's ``RAM_SAVE_FLAG_MULTIFD_FLUSH``: every multifd channel has sent one SYNC
+    packet after all the pages queued before this marker."""
+
+    TYPE: ClassVar[str] = "ram-flush"
+
+
+@dataclass(frozen=True, slots=True)
+class RamEos:
+    """QEMU's ``RAM_SAVE_FLAG_EOS``: the end of a RAM section body."""
+
+    TYPE: ClassVar[str] = "ram-eos"
+
+
 ControlMessage: TypeAlias = (
     Hello
     | SectionStart
@@ -312,6 +375,11 @@ ControlMessage: TypeAlias = (
     | Pong
     | SwitchoverAck
     | Shut
+    | RamSetup
+    | RamPages
+    | RamZeroPages
+    | RamFlush
+    | RamEos
 )
 
 #: Messages the source sends on the main channel.
@@ -325,6 +393,11 @@ SOURCE_MESSAGES: tuple[type[ControlMessage], ...] = (
     VfioRecord,
     Command,
     Eof,
+    RamSetup,
+    RamPages,
+    RamZeroPages,
+    RamFlush,
+    RamEos,
 )
 #: Messages the destination sends on the return path.
 DESTINATION_MESSAGES: tuple[type[ControlMessage], ...] = (HelloReply, Pong, SwitchoverAck, Shut)
@@ -547,6 +620,40 @@ _SECTION_HEAD = (
 _SECTION_ID = (("section_id", _u32),)
 _DIGESTS = _map_of(_name, _hex_digest)
 
+def _page_size(value: object, where: str) -> int:
+    if type(value) is not int or value not in _PAGE_SIZES:
+        raise _bad(where, "a power-of-two page size from 1 KiB to 512 KiB", value)
+    return value
+
+
+def _offsets(value: object, where: str) -> tuple[int, ...]:
+    if type(value) is not list and type(value) is not tuple:
+        raise _bad(where, "a list of offsets", value)
+    if not 1 <= len(value) <= MAX_RAM_OFFSETS:
+        raise LimitExceededError(
+            f"{where}: {len(value)} offsets, expected 1..{MAX_RAM_OFFSETS}",
+            limit=MAX_RAM_OFFSETS, value=len(value))
+    return tuple(_u64(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+_u64 = _int_in(0, _U64, "an unsigned 64-bit integer")
+
+
+def _check_ram_blocks(setup: RamSetup, where: str) -> None:
+    for name, length in setup.blocks.items():
+        if length == 0 or length % setup.page_size:
+            raise RemoteProtocolError(
+                f"{where}.blocks[{name!r}]: length {length} is not a positive multiple "
+                f"of the page size {setup.page_size}")
+
+
+def _check_ram_pages(pages: RamPages, where: str) -> None:
+    if pages.size % len(pages.offsets):
+        raise RemoteProtocolError(
+            f"{where}.size: {pages.size} bytes is not a whole page per offset "
+            f"({len(pages.offsets)} offsets)")
+
+
 _SCHEMAS: dict[str, _Schema] = {
     s.name: s
     for s in (
@@ -579,6 +686,15 @@ _SCHEMAS: dict[str, _Schema] = {
         _Schema(Eof.TYPE, Eof, (("digests", _DIGESTS),)),
         _Schema(HelloReply.TYPE, HelloReply, (("accepted", _bool), ("error", _text), ("code", _short))),
         _Schema(Pong.TYPE, Pong, (("value", _u32),)),
+        _Schema(RamSetup.TYPE, RamSetup,
+                (("page_size", _page_size), ("blocks", _map_of(_idstr, _u64))),
+                _check_ram_blocks),
+        _Schema(RamPages.TYPE, RamPages,
+                (("block", _idstr), ("offsets", _offsets),
+                 ("size", _int_in(1, _U64, "a byte count"))), _check_ram_pages),
+        _Schema(RamZeroPages.TYPE, RamZeroPages, (("block", _idstr), ("offsets", _offsets))),
+        _Schema(RamFlush.TYPE, RamFlush, ()),
+        _Schema(RamEos.TYPE, RamEos, ()),
         _Schema(SwitchoverAck.TYPE, SwitchoverAck, ()),
         _Schema(
             Shut.TYPE,
@@ -738,7 +854,7 @@ class ControlDecoder(StreamDecoder[ControlEvent]):
         self._allocate: Allocator = allocate if allocate is not None else default_allocate
         self._stage = _Stage.PREAMBLE if expect_preamble else _Stage.LENGTH
         self._length = 0
-        self._record: VfioRecord | None = None
+        self._record: VfioRecord | RamPages | None = None
         self._messages = 0
 
     @property
@@ -777,10 +893,12 @@ class ControlDecoder(StreamDecoder[ControlEvent]):
 
     def _deliver(self, message: ControlMessage, events: list[ControlEvent]) -> None:
         self._messages += 1
-        if isinstance(message, VfioRecord) and message.size:
+        if isinstance(message, (VfioRecord, RamPages)) and message.size:
             if message.size > self._max_data:
+                what = (f"vfio record ({message.marker.name})"
+                        if isinstance(message, VfioRecord) else "ram-pages record")
                 raise LimitExceededError(
-                    f"vfio record ({message.marker.name}) announces {message.size} bytes, "
+                    f"{what} announces {message.size} bytes, "
                     f"over the limit of {self._max_data}",
                     limit=self._max_data,
                     value=message.size,

@@ -19,6 +19,8 @@ from migrate_dst.daemon import DestinationDaemon
 from migrate_src.daemon import SourceDaemon
 from vm.machine import VirtualMachine
 from vm.properties import parse_device_option
+from vm.ram import parse_memory_option
+from vm.workload import parse_workload_option
 
 FINAL = ("completed", "failed", "cancelled")
 
@@ -72,8 +74,13 @@ class Pair:
     async def digests(self) -> tuple[dict[str, str | None], dict[str, str | None]]:
         s = await self.src.execute("x-query-state-digest")
         d = await self.dst.execute("x-query-state-digest")
-        return ({x["id"]: x["digest"] for x in s["devices"]},
-                {x["id"]: x["digest"] for x in d["devices"]})
+        src = {x["id"]: x["digest"] for x in s["devices"]}
+        dst = {x["id"]: x["digest"] for x in d["devices"]}
+        if "ram" in s:
+            src[":ram"] = s["ram"]["digest"]
+        if "ram" in d:
+            dst[":ram"] = d["ram"]["digest"]
+        return src, dst
 
 
 async def wait_final(end: Endpoint, timeout: float = 60.0,
@@ -97,11 +104,22 @@ async def wait_status(end: Endpoint, wanted: str, timeout: float = 30.0) -> dict
 async def make_pair(tmp_path: Path, devices: list[str],
                     dst_devices: list[str] | None = None,
                     src_uuid: uuid.UUID | None = None,
-                    dst_uuid: uuid.UUID | None = None) -> AsyncIterator[Pair]:
+                    dst_uuid: uuid.UUID | None = None,
+                    memory: str | None = None, dst_memory: str | None = None,
+                    workload: str | None = None,
+                    dst_workload: str | None = None) -> AsyncIterator[Pair]:
+    src_mem = parse_memory_option(memory) if memory else None
+    dst_mem_text = dst_memory if dst_memory is not None else memory
+    dst_mem = parse_memory_option(dst_mem_text) if dst_mem_text else None
     src_vm = VirtualMachine([parse_device_option(d) for d in devices], role="source",
-                            uuid=src_uuid or uuid.UUID(int=0))
-    dst_vm = VirtualMachine([parse_device_option(d) for d in (dst_devices or devices)],
-                            role="destination", uuid=dst_uuid or uuid.UUID(int=0))
+                            uuid=src_uuid or uuid.UUID(int=0), memory=src_mem,
+                            workload=parse_workload_option(workload) if workload else None)
+    dst_vm = VirtualMachine([parse_device_option(d) for d in (
+        dst_devices if dst_devices is not None else devices)],
+                            role="destination", uuid=dst_uuid or uuid.UUID(int=0),
+                            memory=dst_mem,
+                            workload=parse_workload_option(dst_workload) if dst_workload
+                            else None)
     src = SourceDaemon(src_vm)
     dst = DestinationDaemon(dst_vm, incoming="tcp:127.0.0.1:0")
     await src.start(Address("unix", path=str(tmp_path / "src.qmp")))

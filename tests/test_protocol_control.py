@@ -31,6 +31,11 @@ from protocol.control import (
     HelloReply,
     MessageReceived,
     Pong,
+    RamEos,
+    RamFlush,
+    RamPages,
+    RamSetup,
+    RamZeroPages,
     SectionEnd,
     SectionFooter,
     SectionFull,
@@ -212,7 +217,53 @@ GOLDEN: list[tuple[ControlMessage, str]] = [
         + fs("device") + fs("digests") + "81" + fs("ram") + fs("00") + fs("checkpoints") + "81"
         + fs("load") + "cb3ff8000000000000",
     ),
+    (
+        RamSetup(4096, {"pc.ram": 0x40000000, "vga": 8192}),
+        "83" + fs("t") + fs("ram-setup") + fs("page_size") + "cd1000" + fs("blocks") + "82"
+        + fs("pc.ram") + "ce40000000" + fs("vga") + "cd2000",
+    ),
+    (
+        RamPages("pc.ram", (0, 0x2000), 8192),
+        "84" + fs("t") + fs("ram-pages") + fs("block") + fs("pc.ram") + fs("offsets") + "92"
+        + "00" + "cd2000" + fs("size") + "cd2000",
+    ),
+    (
+        RamZeroPages("pc.ram", (4096,)),
+        "83" + fs("t") + fs("ram-zero") + fs("block") + fs("pc.ram") + fs("offsets") + "91"
+        + "cd1000",
+    ),
+    (RamFlush(), "81" + fs("t") + fs("ram-flush")),
+    (RamEos(), "81" + fs("t") + fs("ram-eos")),
 ]
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    ("83" + fs("t") + fs("ram-setup") + fs("page_size") + "cd0fff" + fs("blocks") + "80",
+     "page size"),
+    ("83" + fs("t") + fs("ram-setup") + fs("page_size") + "cd1000" + fs("blocks") + "81"
+     + fs("pc.ram") + "cd1001", "not a positive multiple"),
+    ("84" + fs("t") + fs("ram-pages") + fs("block") + fs("pc.ram") + fs("offsets") + "90"
+     + fs("size") + "cd1000", "offsets, expected 1.."),
+    ("84" + fs("t") + fs("ram-pages") + fs("block") + fs("pc.ram") + fs("offsets") + "92"
+     + "00" + "01" + fs("size") + "cd1001", "not a whole page per offset"),
+])
+def test_ram_record_errors(body: str, error: str) -> None:
+    with pytest.raises(MigrationError, match=error):
+        decode_message(h(body))
+
+
+def test_ram_pages_payload_received_in_place() -> None:
+    dec = ControlDecoder(expect_preamble=False)
+    data = encode_message(RamPages("pc.ram", (0,), 4096)) + bytes(range(256)) * 16
+    events = []
+    while data:
+        view = dec.buffer()
+        n = min(len(view), len(data), 1000)
+        view[:n] = data[:n]
+        data = data[n:]
+        events += dec.advance(n)
+    assert len(events) == 1 and events[0].payload is not None
+    assert bytes(events[0].payload) == bytes(range(256)) * 16
 
 
 @pytest.mark.parametrize(("message", "body"), GOLDEN, ids=[type(m).__name__ for m, _ in GOLDEN])

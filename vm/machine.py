@@ -27,6 +27,8 @@ from typing import Final
 from protocol.errors import ConfigError, StateError
 from vm.properties import DeviceConfig, parse_device_option
 from vm.vfio_sim import Clock, Role, Sleep, TransitionCallback, VfioSimDevice
+from vm.ram import BackendConfig, GuestRam, MemoryConfig
+from vm.workload import Workload, WorkloadConfig
 
 __all__ = [
     "RunState",
@@ -102,6 +104,9 @@ class VirtualMachine:
         sleep: Sleep = asyncio.sleep,
         on_device_transition: TransitionCallback | None = None,
         initial_run_state: RunState | None = None,
+        memory: MemoryConfig | None = None,
+        memory_backend: BackendConfig | None = None,
+        workload: WorkloadConfig | None = None,
     ) -> None:
         if role not in ("source", "destination"):
             raise ConfigError(f"VM role must be 'source' or 'destination', not {role!r}")
@@ -122,6 +127,19 @@ class VirtualMachine:
                 )
             self.devices[config.id] = device
             self._by_idstr[key] = device
+        #: guest RAM, when the VM has any (``--memory``)
+        self.ram: GuestRam | None = None
+        if memory is not None:
+            self.ram = GuestRam(memory, backend=memory_backend or BackendConfig("anonymous"),
+                                role=role)
+        #: the guest program that writes RAM while the VM runs (``--workload``)
+        self.workload: Workload | None = None
+        if workload is not None:
+            if self.ram is None:
+                raise ConfigError("--workload needs guest RAM: add --memory SIZE")
+            self.workload = Workload(self.ram, workload, clock=clock, sleep=sleep)
+            if role != "source":
+                self.workload.pause()  # it runs once the migrated VM starts
         if initial_run_state is None:
             initial_run_state = RunState.RUNNING if role == "source" else RunState.INMIGRATE
         self._run_state = RunState(initial_run_state)
@@ -161,7 +179,10 @@ class VirtualMachine:
         return sum(d.total_size for d in self.devices.values())
 
     async def prepare(self) -> None:
-        """Generate source content / pre-fault destination buffers for every device."""
+        """Generate source content / pre-fault destination buffers for every device
+        and for guest RAM."""
+        if self.ram is not None:
+            await self.ram.prepare()
         for device in self.devices.values():
             await device.prepare()
 

@@ -1,0 +1,169 @@
+"""Load side of guest RAM, and the multifd receive-side sync barrier.
+
+RAM packets are applied by the receive task of the channel they arrive on,
+straight into guest memory at the offsets they name (the decoder has already
+checked the block name and every offset against the block's length).  Zero pages
+are only written where this migration wrote the page before: fresh destination
+memory is already zero.
+
+:class:`RecvSync` is QEMU's ``multifd_recv_sync_main``: a receive task that applied a
+SYNC packet parks until the main channel reaches the RAM_SAVE_FLAG_MULTIFD_FLUSH
+marker; the main channel waits there until every channel has parked, then releases
+them all.  So no page of the next round can overwrite a page of this round on
+another channel, and when the main channel goes past the marker, every page sent
+before it is in guest memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from migrate_dst.load import SectionKind
+from protocol.control import RamEos, RamFlush, RamPages, RamSetup, RamZeroPages
+from protocol.errors import ConfigError, SequenceError, UnknownDeviceError
+from protocol.multifd import RamPacket
+from vm.ram import GuestRam
+
+__all__ = ["RamLoadHandler", "RecvSync"]
+
+
+class RecvSync:
+    """The barrier between SYNC packets on N channels and FLUSH markers on main."""
+
+    def __init__(self, channels: int, timeout: float) -> None:
+        self.channels = channels
+        self.timeout = timeout
+        self._parked: set[int] = set()
+        self._all_parked = asyncio.Event()
+        self._release = asyncio.Event()
+        self.generation = 0
+        self.syncs = 0
+
+    async def channel_synced(self, channel_id: int) -> None:
+        """A receive task applied a SYNC packet: park until the main channel releases."""
+        # a parked channel reads nothing more, so it cannot park twice in one round
+        self._parked.add(channel_id)
+        release = self._release
+        if len(self._parked) == self.channels:
+            self._all_parked.set()
+        await release.wait()
+
+    async def main_flush(self) -> None:
+        """The main channel reached a FLUSH marker: wait for every channel, release all."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._all_parked.wait()
+        except TimeoutError:
+            missing = sorted(set(range(self.channels)) - self._parked)
+            raise SequenceError(f"multifd sync: channel(s) {missing} sent no SYNC packet "
+                                f"within {self.timeout:g} s of the flush marker") from None
+        release = self._release
+        self._release = asyncio.Event()
+        self._all_parked = asyncio.Event()
+        self._parked = set()
+        self.generation += 1
+        self.syncs += 1
+        release.set()
+
+
+class RamLoadHandler:
+    idstr = "ram"
+    instance_id = 0
+    version_id = 4
+
+    def __init__(self, ram: GuestRam, sync: RecvSync | None, log: Any) -> None:
+        self.ram = ram
+        self.sync = sync
+        self.log = log.bind(section="ram")
+        self.setup_seen = False
+        self.normal_pages = 0
+        self.zero_pages = 0
+        self.packets = 0
+
+    async def load_setup(self) -> None:
+        self.ram.reset_received()
+
+    def check_setup(self, setup: RamSetup) -> None:
+        mine = {b.name: b.used_length for b in self.ram.blocks.values()}
+        if setup.page_size != self.ram.page_size:
+            raise ConfigError(f"RAM page size differs: source {setup.page_size}, destination "
+                              f"{self.ram.page_size}")
+        if setup.blocks != mine:
+            raise ConfigError(f"RAM blocks differ: source {_blocks(setup.blocks)}, destination "
+                              f"{_blocks(mine)}; start both sides with the same --memory")
+
+    async def load_state(self, kind: SectionKind, message: Any,
+                         payload: memoryview | None) -> bool:
+        """One record of a RAM section body; True at the body's end (``ram-eos``)."""
+        if isinstance(message, RamEos):
+            return True
+        if isinstance(message, RamSetup):
+            if kind is not SectionKind.START or self.setup_seen:
+                raise SequenceError("RAM setup record outside the RAM START section")
+            self.check_setup(message)
+            self.setup_seen = True
+            return False
+        if not self.setup_seen:
+            raise SequenceError(f"{type(message).__name__} before the RAM setup record")
+        if isinstance(message, RamFlush):
+            if self.sync is None:
+                raise SequenceError("multifd flush marker but multifd is off")
+            await self.sync.main_flush()
+            return False
+        if isinstance(message, RamPages):
+            assert payload is not None
+            block = self._block(message.block)
+            self._check_offsets(block.name, block.used_length, message.offsets)
+            self.ram.write_pages(block, message.offsets, payload)
+            self.normal_pages += len(message.offsets)
+            return False
+        if isinstance(message, RamZeroPages):
+            block = self._block(message.block)
+            self._check_offsets(block.name, block.used_length, message.offsets)
+            self.ram.zero_pages(block, message.offsets)
+            self.zero_pages += len(message.offsets)
+            return False
+        raise SequenceError(f"unexpected {type(message).__name__} in the RAM section")
+
+    def _block(self, name: str) -> Any:
+        block = self.ram.blocks.get(name)
+        if block is None:
+            raise UnknownDeviceError(f"RAM record for unknown block {name!r}")
+        return block
+
+    def _check_offsets(self, name: str, length: int, offsets: tuple[int, ...]) -> None:
+        size = self.ram.page_size
+        for off in offsets:
+            if off % size or off > length - size:
+                raise SequenceError(f"RAM block {name!r}: offset {off:#x} is not a page inside "
+                                    f"its {length} bytes")
+
+    async def load_packet(self, channel_id: int, packet: RamPacket,
+                          payload: memoryview) -> None:
+        """A RAM packet from a multifd channel (offsets already validated)."""
+        self.packets += 1
+        if packet.normal_pages or packet.zero_pages:
+            if not self.setup_seen:
+                raise SequenceError(f"multifd channel {channel_id}: RAM pages before the RAM "
+                                    "setup record")
+            block = self.ram.blocks[packet.ramblock]
+            if packet.normal_pages:
+                self.ram.write_pages(block, packet.normal_offsets, payload)
+                self.normal_pages += packet.normal_pages
+            if packet.zero_pages:
+                self.ram.zero_pages(block, packet.zero_offsets)
+                self.zero_pages += packet.zero_pages
+        if packet.is_sync:
+            if self.sync is None:
+                raise SequenceError(f"multifd channel {channel_id}: SYNC packet without multifd")
+            await self.sync.channel_synced(channel_id)
+
+    def stats(self) -> dict[str, Any]:
+        return {"normal": self.normal_pages, "duplicate": self.zero_pages,
+                "received-pages": self.ram.received_pages(),
+                "syncs": self.sync.syncs if self.sync else 0}
+
+
+def _blocks(blocks: dict[str, int]) -> str:
+    return ", ".join(f"{name}={size}" for name, size in blocks.items()) or "none"

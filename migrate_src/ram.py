@@ -1,0 +1,184 @@
+"""Save side of guest RAM: QEMU's RAM ``SaveVMHandlers`` for multifd, as coroutines.
+
+Rounds work as in QEMU: the first round sends every page; each later round sends
+the pages the guest dirtied since the previous dirty-log sync.  A round walks the
+migration bitmap block by block and hands batches of at most 128 pages of one
+block to idle multifd channels (:class:`~migrate_src.channels.RamJob`), where zero
+pages are detected.  When the walk wraps around, every channel gets a SYNC packet
+after all its earlier pages and the RAM_SAVE_FLAG_MULTIFD_FLUSH marker follows on
+the main channel, so the destination never applies a page from the next round
+before every page of this one (the sync rule of spec §3).
+
+Without multifd the pages travel on the main channel as ``ram-pages`` records.
+With ``zero-page-detection=legacy`` zero pages are found here and sent as
+``ram-zero`` records on the main channel; with ``none`` every page is sent whole.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from migrate_src.channels import MainChannel, MultifdSender, RamJob
+from protocol.control import RamEos, RamFlush, RamPages, RamSetup, RamZeroPages
+from vm.ram import GuestRam, RamBlock, is_zero_page
+
+__all__ = ["RamSaveHandler"]
+
+#: time one ``save_live_iterate`` call may take before the other sections get a turn
+ITERATE_BUDGET = 0.05
+
+
+class RamSaveHandler:
+    idstr = "ram"
+    instance_id = 0
+    version_id = 4
+
+    def __init__(self, ram: GuestRam, section_id: int, *, main: MainChannel,
+                 sender: MultifdSender | None, zero_page_detection: str,
+                 pace: Callable[[int], Awaitable[None]], log: Any,
+                 on_pass: Callable[[int], None]) -> None:
+        self.ram = ram
+        self.section_id = section_id
+        self.main = main
+        self.sender = sender
+        self.zero_detection = zero_page_detection
+        self.pace = pace
+        self.log = log.bind(section="ram")
+        self.on_pass = on_pass
+        self.page_size = ram.page_size
+        # statistics, QEMU's names
+        self.normal_pages = 0          # main-channel normal pages (multifd: see sender)
+        self.zero_pages = 0            # main-channel zero pages (legacy detection)
+        self.precopy_bytes = 0
+        self.downtime_bytes = 0
+        self.rounds = 0
+        self.round_pages = 0           # pages handed out in the current round
+        self.last_round_pages = 0
+        self.dirty_rate = 0.0          # pages/s the guest dirtied, from the last sync
+        self._last_sync = time.monotonic()
+        self._stopped = False
+
+    # -- setup ----------------------------------------------------------------------------
+    async def save_setup(self) -> None:
+        ram = self.ram
+        await self.main.send(RamSetup(ram.page_size, {b.name: b.used_length
+                                                      for b in ram.blocks.values()}))
+        ram.start_migration()
+        ram.begin_round()
+        self._last_sync = time.monotonic()
+        await self._flush_and_sync()
+        await self.main.send(RamEos())
+
+    def is_active_iterate(self) -> bool:
+        return True
+
+    def pending(self) -> int:
+        """Bytes still dirty: not yet sent this round, plus what the guest dirtied since."""
+        return (self.ram.dirty_pages() + self.ram.live_dirty_pages()) * self.page_size
+
+    def pending_exact(self) -> int:
+        """Sync the dirty log first (QEMU's migration_bitmap_sync before deciding)."""
+        self._sync_dirty_log()
+        return self.ram.dirty_pages() * self.page_size
+
+    # -- live phase -----------------------------------------------------------------------
+    async def save_live_iterate(self) -> None:
+        """Send pages for up to :data:`ITERATE_BUDGET` seconds; at the end of a round,
+        flush and sync the channels and start the next round from a fresh dirty log."""
+        deadline = time.monotonic() + ITERATE_BUDGET
+        while time.monotonic() < deadline:
+            sent = await self._send_batch(precopy=True)
+            if sent < 0:  # the walk wrapped: round complete
+                await self._end_round()
+                break
+        await self.main.send(RamEos())
+
+    async def _end_round(self) -> None:
+        await self._flush_and_sync()
+        self._sync_dirty_log()
+        self.ram.begin_round()
+
+    def _sync_dirty_log(self) -> None:
+        now = time.monotonic()
+        new = self.ram.sync_dirty_log()
+        elapsed = now - self._last_sync
+        if elapsed > 0:
+            self.dirty_rate = new / elapsed
+        self._last_sync = now
+        self.rounds += 1
+        self.last_round_pages = self.round_pages
+        self.round_pages = 0
+        self.on_pass(self.ram.dirty_sync_count)
+
+    async def _send_batch(self, *, precopy: bool) -> int:
+        """Hand out one batch; the number of pages, or -1 at the end of the round."""
+        batch = self.ram.next_dirty_batch(self.sender.page_count if self.sender else 128)
+        if batch is None:
+            return -1
+        block, pages = batch
+        self.round_pages += len(pages)
+        nbytes = len(pages) * self.page_size
+        if self.zero_detection == "legacy":
+            pages = await self._send_zero_pages_on_main(block, pages)
+        if pages:
+            if self.sender is not None:
+                await self.sender.submit(RamJob(block, pages, self.zero_detection == "multifd"))
+            else:
+                await self._send_pages_on_main(block, pages)
+        if precopy:
+            self.precopy_bytes += nbytes
+            await self.pace(nbytes)
+        else:
+            self.downtime_bytes += nbytes
+        return len(pages)
+
+    async def _send_zero_pages_on_main(self, block: RamBlock, pages: list[int]) -> list[int]:
+        size = self.page_size
+        view = block.view
+        zero = [i for i in pages if is_zero_page(view[i * size:(i + 1) * size])]
+        if zero:
+            await self.main.send(RamZeroPages(block.name, tuple(i * size for i in zero)))
+            self.zero_pages += len(zero)
+            zero_set = set(zero)
+            pages = [i for i in pages if i not in zero_set]
+        return pages
+
+    async def _send_pages_on_main(self, block: RamBlock, pages: list[int]) -> None:
+        size = self.page_size
+        view = block.view
+        offsets = tuple(i * size for i in pages)
+        data = b"".join(view[o:o + size] for o in offsets)
+        await self.main.send(RamPages(block.name, offsets, len(data)), data)
+        self.normal_pages += len(pages)
+
+    async def _flush_and_sync(self) -> None:
+        if self.sender is not None:
+            await self.sender.sync()
+            await self.main.send(RamFlush())
+
+    # -- switchover -----------------------------------------------------------------------
+    async def save_complete(self) -> None:
+        """END section body, VM stopped: the final dirty-log sync and the last pass."""
+        self._stopped = True
+        self._sync_dirty_log()
+        self.ram.begin_round()
+        while await self._send_batch(precopy=False) >= 0:
+            pass
+        await self._flush_and_sync()
+        await self.main.send(RamEos())
+
+    async def save_state(self) -> None:
+        """RAM has no non-iterable state."""
+
+    async def save_cleanup(self, completed: bool) -> None:
+        self.ram.stop_dirty_tracking()
+
+    def stats(self, sender: MultifdSender | None) -> dict[str, Any]:
+        normal = self.normal_pages + (sender.ram_normal_pages if sender else 0)
+        zero = self.zero_pages + (sender.ram_zero_pages if sender else 0)
+        return {"normal": normal, "duplicate": zero, "normal-bytes": normal * self.page_size,
+                "dirty-sync-count": self.ram.dirty_sync_count,
+                "dirty-pages-rate": int(self.dirty_rate),
+                "precopy-bytes": self.precopy_bytes, "downtime-bytes": self.downtime_bytes}

@@ -1,0 +1,511 @@
+"""Tests for vm.ram: RAM options, blocks, dirty tracking rounds, page apply, digests."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from protocol.errors import ConfigError, DeviceError, StateError
+from vm.properties import GiB, KiB, MiB
+from vm.ram import (
+    ANONYMOUS_BACKEND,
+    MAIN_BLOCK,
+    TARGET_PAGE_SIZE,
+    ZERO_PAGE,
+    BackendConfig,
+    GuestRam,
+    MemoryConfig,
+    block_file_name,
+    is_zero_page,
+    parse_memory_backend,
+    parse_memory_option,
+)
+
+PS = TARGET_PAGE_SIZE
+
+
+def ram(text: str = "1M", role: str = "source", backend: BackendConfig = ANONYMOUS_BACKEND,
+        *, prepare: bool = True) -> GuestRam:
+    guest = GuestRam(parse_memory_option(text), backend=backend, role=role)  # type: ignore[arg-type]
+    if prepare:
+        guest.prepare_blocking()
+    return guest
+
+
+def drain_round(guest: GuestRam, max_pages: int = 128) -> list[tuple[str, list[int]]]:
+    batches = []
+    while (batch := guest.next_dirty_batch(max_pages)) is not None:
+        batches.append((batch[0].name, batch[1]))
+    return batches
+
+
+def copy_round(src: GuestRam, dst: GuestRam) -> int:
+    """Send one round of dirty pages the way the channel tasks do; returns pages sent."""
+    sent = 0
+    while (batch := src.next_dirty_batch()) is not None:
+        block, pages = batch
+        normal = [i for i in pages if not is_zero_page(block.page(i))]
+        zero = [i for i in pages if is_zero_page(block.page(i))]
+        target = dst.blocks[block.name]
+        payload = b"".join(bytes(block.page(i)) for i in normal)
+        dst.write_pages(target, [block.offset_of(i) for i in normal], memoryview(payload))
+        dst.zero_pages(target, [block.offset_of(i) for i in zero])
+        sent += len(pages)
+    return sent
+
+
+# -- options -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, size, blocks, fill, seed",
+    [
+        ("1G", GiB, ((MAIN_BLOCK, GiB),), "zero", 0),
+        ("size=1G,fill=random,seed=3", GiB, ((MAIN_BLOCK, GiB),), "random", 3),
+        ("4096", 4096, ((MAIN_BLOCK, 4096),), "zero", 0),
+        ("512M,fill=mixed,seed=0x10", 512 * MiB, ((MAIN_BLOCK, 512 * MiB),), "mixed", 16),
+        ("1G,block=vga.vram:16M,block=rom:2M", GiB,
+         ((MAIN_BLOCK, GiB), ("vga.vram", 16 * MiB), ("rom", 2 * MiB)), "zero", 0),
+        ("fill=random,size=8M", 8 * MiB, ((MAIN_BLOCK, 8 * MiB),), "random", 0),
+        ("64M,block=0000:00:02.0/vga.vram:8K", 64 * MiB,
+         ((MAIN_BLOCK, 64 * MiB), ("0000:00:02.0/vga.vram", 8 * KiB)), "zero", 0),
+    ],
+)
+def test_parse_memory_option(text, size, blocks, fill, seed):
+    config = parse_memory_option(text)
+    assert (config.size, config.blocks, config.fill, config.seed) == (size, blocks, fill, seed)
+    assert config.total_size == sum(s for _, s in blocks)
+    assert parse_memory_option(config.to_option()) == config
+
+
+@pytest.mark.parametrize(
+    "text, quoted",
+    [
+        ("", "''"),
+        ("0", "0"),
+        ("1000", "1000"),
+        ("1G,fill=blue", "blue"),
+        ("1G,seed=-1", "-1"),
+        ("1G,seed=abc", "abc"),
+        ("1G,block=vram", "vram"),
+        ("1G,block=:4K", ":4K"),
+        ("1G,block=a:5000", "5000"),
+        ("1G,block=a:lots", "lots"),
+        ("1G,block=pc.ram:4K", "pc.ram"),
+        ("1G,block=a:4K,block=a:8K", "'a'"),
+        ("1G,foo=1", "foo"),
+        ("1G,,fill=zero", "1G,,fill=zero"),
+        ("fill=zero", "fill=zero"),
+        ("1G,size=2G", "size"),
+        ("1G,4K", "4K"),
+        ("100G", "100G"),
+        ("1G,block=" + "x" * 256 + ":4K", "xxxx"),
+    ],
+)
+def test_parse_memory_option_rejects(text, quoted):
+    with pytest.raises(ConfigError) as info:
+        parse_memory_option(text)
+    assert quoted in str(info.value)
+
+
+def test_memory_config_direct():
+    assert MemoryConfig(size=8 * MiB).blocks == ((MAIN_BLOCK, 8 * MiB),)
+    config = MemoryConfig(8 * MiB, ((MAIN_BLOCK, 8 * MiB), ("rom", 64 * KiB)), "mixed", 9)
+    assert config.total_size == 8 * MiB + 64 * KiB
+    assert parse_memory_option(config.to_option()) == config
+    with pytest.raises(ConfigError, match="first block"):
+        MemoryConfig(8 * MiB, (("rom", 64 * KiB),))
+    with pytest.raises(ConfigError, match="first block"):
+        MemoryConfig(8 * MiB, ((MAIN_BLOCK, 4 * MiB),))
+    with pytest.raises(ConfigError, match="NUL"):
+        MemoryConfig(8 * MiB, ((MAIN_BLOCK, 8 * MiB), ("a\0b", 4096)))
+    with pytest.raises(ConfigError, match="fill"):
+        MemoryConfig(8 * MiB, fill="ones")
+    with pytest.raises(ConfigError, match="seed"):
+        MemoryConfig(8 * MiB, seed=1 << 64)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("anonymous", BackendConfig("anonymous")),
+        ("file:/dev/shm/vm", BackendConfig("file", "/dev/shm/vm", False)),
+        ("file:/dev/shm/vm,share=on", BackendConfig("file", "/dev/shm/vm", True)),
+        ("file:rel/dir,share=off", BackendConfig("file", "rel/dir", False)),
+        ("file:/a,,b,share=yes", BackendConfig("file", "/a,b", True)),
+    ],
+)
+def test_parse_memory_backend(text, expected):
+    config = parse_memory_backend(text)
+    assert config == expected
+    assert parse_memory_backend(config.to_option()) == config
+
+
+@pytest.mark.parametrize(
+    "text, quoted",
+    [
+        ("", "''"),
+        ("file", "file"),
+        ("file:", "file:"),
+        ("tmpfs:/x", "tmpfs:/x"),
+        ("file:/x,share=maybe", "maybe"),
+        ("file:/x,size=1G", "size=1G"),
+        ("file:/x,share=on,share=off", "share"),
+        ("anonymous,share=on", "anonymous,share=on"),
+    ],
+)
+def test_parse_memory_backend_rejects(text, quoted):
+    with pytest.raises(ConfigError) as info:
+        parse_memory_backend(text)
+    assert quoted in str(info.value)
+
+
+def test_backend_config_direct():
+    with pytest.raises(ConfigError):
+        BackendConfig("file")
+    with pytest.raises(ConfigError):
+        BackendConfig("anonymous", share=True)
+    with pytest.raises(ConfigError):
+        BackendConfig("hugetlbfs", "/x")
+
+
+def test_block_file_name():
+    assert block_file_name("pc.ram") == "pc.ram"
+    assert block_file_name("0000:00:02.0/vga.vram") == "0000:00:02.0%2Fvga.vram"
+    assert block_file_name("100%") == "100%25"
+    assert block_file_name("..") == "%2E."
+    names = ["a/b", "a%2Fb", "a%b", ".x", "%2Ex", "/"]
+    escaped = [block_file_name(n) for n in names]
+    assert len(set(escaped)) == len(names)
+    assert all("/" not in e and not e.startswith(".") for e in escaped)
+
+
+def test_is_zero_page():
+    page = bytearray(PS)
+    assert is_zero_page(memoryview(page))
+    assert is_zero_page(bytes(PS))
+    page[-1] = 1
+    assert not is_zero_page(memoryview(page))
+    assert not is_zero_page(page)
+    big = bytearray(3 * PS)
+    assert is_zero_page(memoryview(big))
+    big[2 * PS + 7] = 9
+    assert not is_zero_page(memoryview(big))
+    assert is_zero_page(memoryview(big)[:PS])
+    assert ZERO_PAGE == bytes(PS)
+
+
+# -- layout and memory -------------------------------------------------------------
+
+
+def test_layout_without_prepare():
+    guest = ram("1G,block=vga.vram:16M,block=rom:2M", prepare=False)
+    assert list(guest.blocks) == [MAIN_BLOCK, "vga.vram", "rom"]
+    assert guest.total_size == GiB + 18 * MiB
+    assert guest.page_size == PS
+    assert guest.npages_total == guest.total_size // PS
+    assert guest.block_size("vga.vram") == 16 * MiB
+    assert guest.block_size("nope") is None
+    vram = guest.blocks["vga.vram"]
+    assert (vram.npages, vram.base_page) == (16 * MiB // PS, GiB // PS)
+    assert guest.locate(GiB // PS + 1) == (vram, 1)
+    assert guest.locate(0) == (guest.blocks[MAIN_BLOCK], 0)
+    with pytest.raises(DeviceError):
+        guest.locate(guest.npages_total)
+    with pytest.raises(StateError):
+        _ = vram.view
+    with pytest.raises(StateError):
+        guest.digest()
+    with pytest.raises(ConfigError):
+        GuestRam(parse_memory_option("1M"), role="sideways")  # type: ignore[arg-type]
+
+
+def test_ram_block_pages():
+    guest = ram("64K")
+    block = guest.blocks[MAIN_BLOCK]
+    assert block.view.format == "B" and not block.view.readonly
+    assert block.view.nbytes == 64 * KiB
+    block.page(3)[:4] = b"abcd"
+    assert bytes(block.view[3 * PS : 3 * PS + 4]) == b"abcd"
+    assert block.offset_of(15) == 15 * PS
+    assert block.index_of(15 * PS) == 15
+    for bad in (-1, 16):
+        with pytest.raises(DeviceError):
+            block.page(bad)
+        with pytest.raises(DeviceError):
+            block.offset_of(bad)
+    for bad_offset in (1, 16 * PS, -PS):
+        with pytest.raises(DeviceError):
+            block.index_of(bad_offset)
+
+
+async def test_prepare_fills():
+    zero = ram("1M,fill=zero", prepare=False)
+    await zero.prepare()
+    await zero.prepare()  # idempotent
+    assert is_zero_page(zero.blocks[MAIN_BLOCK].view)
+
+    rnd = ram("1M,fill=random,seed=5,block=rom:64K")
+    pages = [bytes(b.page(i)) for b in rnd.blocks.values() for i in range(b.npages)]
+    assert not any(is_zero_page(p) for p in pages)
+    assert len(set(pages)) == len(pages)  # the stamps make every page distinct
+    assert rnd.digest() == ram("1M,fill=random,seed=5,block=rom:64K").digest()
+    assert rnd.digest() != ram("1M,fill=random,seed=6,block=rom:64K").digest()
+
+    mixed = ram("4M,fill=mixed,seed=2")
+    block = mixed.blocks[MAIN_BLOCK]
+    zeros = sum(is_zero_page(block.page(i)) for i in range(block.npages))
+    assert 0.4 * block.npages < zeros < 0.6 * block.npages
+    assert mixed.digest() == ram("4M,fill=mixed,seed=2").digest()
+
+    dst = ram("1M", role="destination")
+    assert is_zero_page(dst.blocks[MAIN_BLOCK].view)
+    assert dst.digest() == zero.digest()  # same layout, all zero
+
+
+def test_close():
+    guest = ram("64K")
+    held = guest.blocks[MAIN_BLOCK].page(0)  # a view still alive must not break close()
+    guest.close()
+    guest.close()
+    with pytest.raises(StateError):
+        _ = guest.blocks[MAIN_BLOCK].view
+    with pytest.raises(StateError):
+        guest.prepare_blocking()
+    del held
+
+
+# -- dirty tracking ------------------------------------------------------------------
+
+
+def test_tracking_requires_start():
+    guest = ram("64K", prepare=False)
+    with pytest.raises(StateError):
+        guest.next_dirty_batch()
+    with pytest.raises(StateError):
+        guest.sync_dirty_log()
+    guest.mark_dirty(guest.blocks[MAIN_BLOCK], 3)  # no-op: not tracking
+    assert guest.dirty_pages() == guest.live_dirty_pages() == 0
+    guest.start_migration()
+    assert guest.live_dirty_pages() == 0
+    with pytest.raises(DeviceError):
+        guest.mark_dirty(guest.blocks[MAIN_BLOCK], 16)
+    with pytest.raises(ConfigError):
+        guest.next_dirty_batch(0)
+
+
+def test_first_round_sends_everything_in_batches():
+    guest = ram("1M,block=vga.vram:40K,block=rom:4K", prepare=False)
+    guest.start_migration()
+    assert guest.dirty_pages() == guest.npages_total == 256 + 10 + 1
+    batches = drain_round(guest)
+    assert [(name, len(p)) for name, p in batches] == [
+        (MAIN_BLOCK, 128), (MAIN_BLOCK, 128), ("vga.vram", 10), ("rom", 1)
+    ]
+    assert batches[0][1] == list(range(128)) and batches[1][1] == list(range(128, 256))
+    assert guest.dirty_pages() == 0
+    assert guest.next_dirty_batch() is None  # stays at the end until begin_round
+    guest.begin_round()
+    assert guest.next_dirty_batch() is None  # nothing dirty
+    guest.start_migration()  # restart: all dirty again
+    assert sum(len(p) for _, p in drain_round(guest, 100)) == guest.npages_total
+
+
+def test_batches_one_block_increasing_bounded():
+    guest = ram("256K,block=b:256K,block=c:4K", prepare=False)
+    guest.start_migration()
+    drain_round(guest)
+    rng = random.Random(4)
+    chosen = {(name, i) for name in guest.blocks for i in range(guest.blocks[name].npages)
+              if rng.random() < 0.4}
+    chosen |= {(MAIN_BLOCK, 63), ("b", 0)}  # contiguous across the boundary: never merged
+    for name, i in chosen:
+        guest.mark_dirty(guest.blocks[name], i)
+        guest.mark_dirty(guest.blocks[name], i)  # twice: still one page
+    assert guest.live_dirty_pages() == len(chosen)
+    assert guest.sync_dirty_log() == len(chosen)
+    assert guest.live_dirty_pages() == 0
+    assert guest.dirty_sync_count == 1
+    assert guest.dirty_pages() == len(chosen)
+    guest.begin_round()
+    got = []
+    for name, pages in drain_round(guest, 7):
+        assert 1 <= len(pages) <= 7
+        assert pages == sorted(set(pages))
+        got += [(name, i) for i in pages]
+    assert set(got) == chosen and len(got) == len(chosen)
+    assert guest.dirty_pages() == 0
+    names = [name for name, _ in got]
+    assert names == sorted(names, key=list(guest.blocks).index)  # block order
+
+
+def test_pages_dirtied_mid_round():
+    guest = ram("1M", prepare=False)
+    block = guest.blocks[MAIN_BLOCK]
+    guest.start_migration()
+    first = guest.next_dirty_batch()
+    assert first is not None and first[1] == list(range(128))
+    guest.mark_dirty(block, 5)    # behind the cursor: next round
+    guest.mark_dirty(block, 200)  # ahead, already dirty
+    assert guest.sync_dirty_log() == 2
+    rest = drain_round(guest)
+    assert [p for _, p in rest] == [list(range(128, 256))]
+    assert guest.dirty_pages() == 1
+    guest.begin_round()
+    assert drain_round(guest) == [(MAIN_BLOCK, [5])]
+    assert guest.sync_dirty_log() == 0
+    assert guest.dirty_sync_count == 2
+
+
+def test_huge_bitmap_few_dirty_pages():
+    guest = ram("1G,block=vga.vram:16M", prepare=False)  # bitmaps only: no memory needed
+    guest.start_migration()
+    assert sum(len(p) for _, p in drain_round(guest)) == guest.npages_total
+    main, vram = guest.blocks[MAIN_BLOCK], guest.blocks["vga.vram"]
+    for i in (0, 1, 2, 100_000, main.npages - 1):
+        guest.mark_dirty(main, i)
+    guest.mark_dirty(vram, vram.npages - 1)
+    assert guest.sync_dirty_log() == 6
+    guest.begin_round()
+    assert drain_round(guest) == [
+        (MAIN_BLOCK, [0, 1, 2, 100_000, main.npages - 1]), ("vga.vram", [vram.npages - 1])
+    ]
+    guest.stop_dirty_tracking()
+    assert not guest.tracking and guest.dirty_pages() == 0
+    guest.mark_dirty(main, 0)  # no-op again
+    with pytest.raises(StateError):
+        guest.next_dirty_batch()
+
+
+# -- destination apply ---------------------------------------------------------------
+
+
+def test_write_pages_and_zero_pages():
+    dst = ram("64K,block=rom:8K", role="destination")
+    block = dst.blocks[MAIN_BLOCK]
+    payload = b"".join(bytes([i + 1]) * PS for i in range(4))
+    dst.write_pages(block, [2 * PS, 3 * PS, 9 * PS, 0], memoryview(payload))
+    assert [block.page(i)[0] for i in (2, 3, 9, 0)] == [1, 2, 3, 4]
+    assert dst.received_pages() == 4
+    dst.write_pages(block, [2 * PS], b"\x07" * PS)  # again: not counted twice
+    assert block.page(2)[0] == 7 and dst.received_pages() == 4
+
+    # a zero page only overwrites what was received before
+    block.page(5)[:] = b"\xee" * PS  # "stale" content that was never received
+    dst.zero_pages(block, [5 * PS, 9 * PS])
+    assert block.page(5)[0] == 0xEE  # untouched (fresh memory is assumed zero)
+    assert is_zero_page(block.page(9))
+    assert dst.received_pages() == 5
+    dst.zero_pages(block, [5 * PS])  # now received: memset
+    assert is_zero_page(block.page(5))
+    assert dst.received_pages() == 5
+
+    dst.reset_received()
+    assert dst.received_pages() == 0
+    dst.write_pages(dst.blocks["rom"], [PS], memoryview(bytearray(b"\x01") * PS))
+    assert dst.received_pages() == 1
+
+
+@pytest.mark.parametrize(
+    "offsets, payload_pages",
+    [
+        ([0, 1], 2),            # misaligned
+        ([0, 16 * PS], 2),      # past the end
+        ([0, 15 * PS + 8], 2),  # straddles the end
+        ([0, -PS], 2),          # negative
+        ([0, PS], 1),           # payload too short
+        ([0], 1.5),             # payload not whole pages
+    ],
+)
+def test_write_pages_rejects(offsets, payload_pages):
+    dst = ram("64K", role="destination")
+    block = dst.blocks[MAIN_BLOCK]
+    with pytest.raises(DeviceError):
+        dst.write_pages(block, offsets, memoryview(b"\x05" * int(payload_pages * PS)))
+    assert is_zero_page(block.view) and dst.received_pages() == 0  # nothing applied
+    with pytest.raises(DeviceError):
+        dst.zero_pages(block, [0, 3])
+    assert dst.received_pages() == 0
+
+
+def test_write_pages_foreign_block():
+    dst = ram("64K", role="destination")
+    other = ram("64K", role="destination")
+    with pytest.raises(DeviceError):
+        dst.write_pages(other.blocks[MAIN_BLOCK], [0], bytes(PS))
+
+
+# -- migration-style copies and digests ------------------------------------------------
+
+
+async def test_copy_through_batches_gives_equal_digest():
+    src = ram("2M,fill=mixed,seed=11,block=vga.vram:256K,block=rom:8K")
+    dst = ram("2M,block=vga.vram:256K,block=rom:8K", role="destination")
+    assert src.digest() != dst.digest()
+    src.start_migration()
+    assert copy_round(src, dst) == src.npages_total
+    assert dst.received_pages() == dst.npages_total
+    assert src.digest() == dst.digest() == await dst.digest_async()
+
+    # The guest writes more: some pages become zero, others change; one more round.
+    main = src.blocks[MAIN_BLOCK]
+    rng = random.Random(3)
+    for i in rng.sample(range(main.npages), 50):
+        main.page(i)[:] = ZERO_PAGE if i % 2 else os.urandom(PS)
+        src.mark_dirty(main, i)
+    assert src.digest() != dst.digest()
+    assert src.sync_dirty_log() == 50
+    src.begin_round()
+    assert copy_round(src, dst) == 50
+    assert src.digest() == dst.digest()
+
+    # one differing byte is noticed
+    dst.blocks["rom"].page(1)[100] ^= 1
+    assert src.digest() != dst.digest()
+
+
+def test_digest_covers_names_and_lengths():
+    a = ram("64K,block=x:8K")
+    b = ram("64K,block=y:8K")
+    c = ram("72K")
+    assert len({a.digest(), b.digest(), c.digest()}) == 3
+
+
+# -- file backend ------------------------------------------------------------------------
+
+
+async def test_file_backend_shared(tmp_path: Path):
+    directory = tmp_path / "dst-ram"
+    stale = directory / "pc.ram"
+    directory.mkdir()
+    stale.write_bytes(b"\xff" * 2 * PS)  # leftovers of an earlier run are truncated
+    backend = parse_memory_backend(f"file:{directory},share=on")
+    dst = ram("64K,block=0000:00:02.0/vga.vram:8K", role="destination", backend=backend,
+              prepare=False)
+    await dst.prepare()
+    main, vram = dst.blocks[MAIN_BLOCK], dst.blocks["0000:00:02.0/vga.vram"]
+    assert main.path == stale and vram.path == directory / "0000:00:02.0%2Fvga.vram"
+    assert stale.stat().st_size == 64 * KiB and vram.path.stat().st_size == 8 * KiB
+    assert stale.read_bytes() == bytes(64 * KiB)
+    dst.write_pages(main, [3 * PS], b"\xab" * PS)
+    dst.write_pages(vram, [PS], b"\xcd" * PS)
+    data = stale.read_bytes()  # visible without close: it is the same memory
+    assert data[3 * PS : 4 * PS] == b"\xab" * PS and data.count(0) == 60 * KiB
+    dst.close()
+    assert vram.path.read_bytes()[PS:] == b"\xcd" * PS
+
+
+def test_file_backend_source_and_private(tmp_path: Path):
+    src = ram("64K,fill=random,seed=1", backend=BackendConfig("file", str(tmp_path / "s"), True))
+    assert (tmp_path / "s" / "pc.ram").read_bytes() == bytes(src.blocks[MAIN_BLOCK].view)
+    assert src.digest() == ram("64K,fill=random,seed=1").digest()
+    private = ram("64K", role="destination",
+                  backend=parse_memory_backend(f"file:{tmp_path / 'p'},share=off"))
+    private.write_pages(private.blocks[MAIN_BLOCK], [0], b"\x01" * PS)
+    assert private.blocks[MAIN_BLOCK].page(0)[0] == 1
+    assert (tmp_path / "p" / "pc.ram").read_bytes() == bytes(64 * KiB)  # MAP_PRIVATE
+    src.close()
+    private.close()

@@ -10,6 +10,7 @@ receiving allocates nothing.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from protocol.channel import (
     DeviceStateReceived,
     RamPacketReceived,
 )
+from protocol.compression import PacketDecompressor, method_flag
 from protocol.errors import ChannelError, SequenceError, UnknownDeviceError
 
 __all__ = ["BufferPool", "ReceiveChannel"]
@@ -62,14 +64,18 @@ class ReceiveChannel:
     """One multifd channel of an incoming migration, after its init was accepted."""
 
     def __init__(self, channel_id: int, sock: socket.socket, pool: BufferPool,
-                 lookup: DeviceLookup, log: Any, ram: Any = None) -> None:
+                 lookup: DeviceLookup, log: Any, ram: Any = None,
+                 compression: str = "none") -> None:
         self.id = channel_id
         self.sock = sock
         self.ram = ram  # the RamLoadHandler, when the VM has guest RAM
+        self.decompressor = (PacketDecompressor(compression) if compression != "none"
+                             else None)
         block_size = ram.ram.block_size if ram is not None else _no_ram
         self.decoder = ChannelDecoder(expect_init=False, allocate=self.allocate,
                                       page_size=ram.ram.page_size if ram is not None else 4096,
-                                      block_size=block_size, channel=f"multifd {channel_id}")
+                                      block_size=block_size, channel=f"multifd {channel_id}",
+                                      compression=method_flag(compression))
         self.pool = pool
         self.lookup = lookup
         self.log = log.bind(channel=channel_id)
@@ -129,8 +135,15 @@ class ReceiveChannel:
             raise SequenceError(f"multifd channel {self.id}: RAM packet received but this VM "
                                 "has no guest RAM to load it into")
         buf = event.payload.obj
+        payload = event.payload
+        packet = event.packet
         try:
-            await self.ram.load_packet(self.id, event.packet, event.payload)
+            if self.decompressor is not None and packet.normal_pages:
+                # the stream is this channel's: packets decompress in arrival order
+                payload = memoryview(await asyncio.to_thread(
+                    self.decompressor.decompress, payload,
+                    packet.normal_pages * self.ram.ram.page_size))
+            await self.ram.load_packet(self.id, packet, payload)
         finally:
             if isinstance(buf, bytearray):
                 self.pool.give(buf)

@@ -171,7 +171,8 @@ class IncomingMigration:
         init.validate(expected_uuid=self.vm.uuid.bytes, channels=self.channel_count,
                       connected=self.channels.keys())
         channel = ReceiveChannel(init.channel_id, sock, self.pool, self._lookup_handler,
-                                 self.log, ram=self.ram_handler)
+                                 self.log, ram=self.ram_handler,
+                                 compression=self.settings.param("multifd-compression"))
         self.channels[init.channel_id] = channel
         self.log.info("multifd channel connected", channel=init.channel_id,
                       connected=len(self.channels), of=self.channel_count)

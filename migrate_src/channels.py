@@ -34,6 +34,7 @@ from protocol.control import (
     encode_message,
     encode_preamble,
 )
+from protocol.compression import PacketCompressor
 from protocol.errors import ChannelError, RemoteProtocolError, SequenceError
 from protocol.multifd import ChannelInit, RamPacket, ram_page_count
 from vm.ram import RamBlock, is_zero_page
@@ -120,7 +121,7 @@ class Job:
 
     kind = "job"
 
-    def build(self, sender: MultifdSender) -> Sequence[Buffer]:
+    async def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
         raise NotImplementedError
 
 
@@ -133,7 +134,7 @@ class DeviceStateJob(Job):
     def __init__(self, parts: Sequence[Buffer]) -> None:
         self.parts = parts
 
-    def build(self, sender: MultifdSender) -> Sequence[Buffer]:
+    async def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
         return self.parts
 
 
@@ -153,7 +154,7 @@ class RamJob(Job):
         self.pages = pages
         self.detect_zero = detect_zero
 
-    def build(self, sender: MultifdSender) -> Sequence[Buffer]:
+    async def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
         block = self.block
         size = block.page_size
         view = block.view
@@ -165,11 +166,26 @@ class RamJob(Job):
                 (zero if is_zero_page(view[off:off + size]) else normal).append(off)
         else:
             normal = [index * size for index in self.pages]
-        packet = RamPacket(flags=0, pages_alloc=sender.page_count, normal_pages=len(normal),
-                           next_packet_size=len(normal) * size,
+        compressor = chan.compressor
+        pages_data: list[Buffer] = []
+        if compressor is not None and normal:
+            # the channel's stream runs on across packets; compress off the event loop
+            payload = await asyncio.to_thread(
+                compressor.compress, [view[o:o + size] for o in normal])
+            pages_data = [payload]
+            payload_size = len(payload)
+        else:
+            payload_size = len(normal) * size
+        flags = compressor.flag if compressor is not None else 0
+        packet = RamPacket(flags=flags, pages_alloc=sender.page_count,
+                           normal_pages=len(normal), next_packet_size=payload_size,
                            packet_num=sender.next_packet_num(), zero_pages=len(zero),
                            ramblock=block.name, offsets=tuple(normal + zero))
         parts: list[Buffer] = [packet.encode(sender.page_count)]
+        sender.ram_normal_pages += len(normal)
+        sender.ram_zero_pages += len(zero)
+        if pages_data or compressor is not None:
+            return parts + pages_data
         # contiguous normal pages leave as one view
         run_start = run_end = -1
         for off in normal:
@@ -181,8 +197,6 @@ class RamJob(Job):
             run_start, run_end = off, off + size
         if run_start >= 0:
             parts.append(view[run_start:run_end])
-        sender.ram_normal_pages += len(normal)
-        sender.ram_zero_pages += len(zero)
         return parts
 
 
@@ -191,7 +205,7 @@ class SyncJob(Job):
 
     kind = "sync"
 
-    def build(self, sender: MultifdSender) -> Sequence[Buffer]:
+    async def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
         return [RamPacket.sync_packet(sender.next_packet_num()).encode(sender.page_count)]
 
 
@@ -203,14 +217,20 @@ class _SendChannel:
     job: Job | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     busy_time: float = 0.0
+    compressor: PacketCompressor | None = None
 
 
 class MultifdSender:
     """N multifd channels shared by RAM and device-state packets."""
 
     def __init__(self, socks: list[socket.socket], vm_uuid: bytes, funnel: Funnel,
-                 log: Any, page_size: int = 4096) -> None:
-        self._channels = [_SendChannel(i, s, ChannelStats(str(i))) for i, s in enumerate(socks)]
+                 log: Any, page_size: int = 4096, compression: str = "none",
+                 level: int = 1) -> None:
+        self._channels = [
+            _SendChannel(i, s, ChannelStats(str(i)),
+                         compressor=PacketCompressor(compression, level)
+                         if compression != "none" else None)
+            for i, s in enumerate(socks)]
         self._idle = asyncio.Semaphore(len(socks))
         self._last = len(socks) - 1
         self._funnel = funnel
@@ -284,7 +304,7 @@ class MultifdSender:
             job = chan.job
             assert job is not None
             start = time.perf_counter()
-            parts = job.build(self)
+            parts = await job.build(self, chan)
             try:
                 n = await sendmsg_all(chan.sock, parts)
             except OSError as exc:

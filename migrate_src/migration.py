@@ -33,6 +33,7 @@ from migrate_common.log import get_logger
 from migrate_common.net import Address, connect
 from migrate_common.settings import (
     MigrationSettings,
+    compression_level,
     effective_load_config_after_iter,
     effective_multifd_transfer,
 )
@@ -262,7 +263,9 @@ class OutgoingMigration:
                 raise errors[0]
             page_size = self.vm.ram.page_size if self.vm.ram is not None else 4096
             self.sender = MultifdSender(good, self.vm.uuid.bytes, self.funnel, self.log,
-                                        page_size=page_size)
+                                        page_size=page_size,
+                                        compression=settings.param("multifd-compression"),
+                                        level=compression_level(settings))
             await self.sender.send_init()
             self.sender.start()
         await self.main.send_preamble()

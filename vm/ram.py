@@ -49,6 +49,7 @@ import xxhash
 
 from protocol.errors import ConfigError, DeviceError, StateError
 from vm.properties import GiB, MiB, format_size, parse_size
+from vm.vfio_sim import Role
 
 __all__ = [
     "TARGET_PAGE_SIZE",
@@ -94,8 +95,6 @@ _BOOL_WORDS: Final[dict[str, bool]] = {
     "no": False,
     "false": False,
 }
-
-Role = Literal["source", "destination"]
 
 
 def is_zero_page(view: memoryview | bytes | bytearray) -> bool:

@@ -115,8 +115,17 @@ def summary_lines(info: dict[str, Any], verified: bool | None = None) -> list[st
     if "downtime" in info:
         lines.append(f"downtime:      {info['downtime']} ms  (VM stopped on the source until "
                      "it ran on the destination)")
+        if "x-expected-downtime" in info:
+            lines.append(f"expected:      {info['x-expected-downtime']} ms  (the estimate when "
+                         "the switchover was decided)")
     ram = info.get("ram", {})
     sent = ram.get("transferred", 0)
+    if "total" in ram:
+        lines.append(f"guest RAM:     {human_bytes(ram['total'])}, "
+                     f"{ram.get('dirty-sync-count', 0)} dirty-log syncs (rounds), "
+                     f"{ram.get('normal', 0)} pages sent whole, {ram.get('duplicate', 0)} zero "
+                     f"pages as offsets only; {human_bytes(ram.get('precopy-bytes', 0))} "
+                     f"live, {human_bytes(ram.get('downtime-bytes', 0))} while stopped")
     dev_bytes = info.get("vfio", {}).get("transferred", 0)
     lines.append(f"transferred:   {human_bytes(sent)} in all, device state "
                  f"{human_bytes(dev_bytes)}")

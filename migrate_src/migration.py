@@ -116,6 +116,7 @@ class OutgoingMigration:
         self.checkpoints: dict[str, float] = {}
         self.dst_checkpoints: dict[str, float] = {}
         self.expected_downtime: float | None = None
+        self.expected_at_switchover: float | None = None
         self.bandwidth: float = 0.0     # bytes/s measured in the live phase
         self.handlers: list[VfioSaveHandler] = []
         self.ram_handler: RamSaveHandler | None = None
@@ -406,6 +407,8 @@ class OutgoingMigration:
     async def _switchover(self) -> None:
         assert self.main is not None
         self.downtime_start = self.clock()
+        self._update_convergence()
+        self.expected_at_switchover = self.expected_downtime
         self._checkpoint("downtime-start")
         self.vm.set_run_state(RunState.FINISH_MIGRATE)
         if self.vm.workload is not None:
@@ -498,6 +501,8 @@ class OutgoingMigration:
             info["setup-time"] = int(self.setup_time * 1000)
         if status is S.COMPLETED and self.downtime is not None:
             info["downtime"] = int(round(self.downtime * 1000))
+            if self.expected_at_switchover is not None:
+                info["x-expected-downtime"] = int(self.expected_at_switchover * 1000)
         elif status in (S.ACTIVE, S.DEVICE) and self.expected_downtime is not None:
             info["expected-downtime"] = int(self.expected_downtime * 1000)
         mbps = sent * 8 / total_time / 1e6 if total_time > 0 else 0.0

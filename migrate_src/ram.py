@@ -43,7 +43,10 @@ class RamSaveHandler:
         self.section_id = section_id
         self.main = main
         self.sender = sender
-        self.zero_detection = zero_page_detection
+        # without multifd channels there is nobody else to look for zero pages: the
+        # scanner does it, as QEMU's migration thread does (legacy detection)
+        self.zero_detection = ("legacy" if sender is None and zero_page_detection == "multifd"
+                               else zero_page_detection)
         self.pace = pace
         self.log = log.bind(section="ram")
         self.on_pass = on_pass

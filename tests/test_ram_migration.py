@@ -47,7 +47,8 @@ async def test_live_workload_ram_matches(pair_factory, seed):
 
 
 @pytest.mark.parametrize("multifd,zpd", [(True, "multifd"), (True, "legacy"), (True, "none"),
-                                         (False, "legacy"), (False, "none")])
+                                         (False, "multifd"), (False, "legacy"),
+                                         (False, "none")])
 async def test_zero_page_modes(pair_factory, multifd, zpd):
     async with pair_factory(DEV, memory="8M,fill=mixed,seed=5") as pair:
         await pair.configure(multifd=multifd, channels=2,

@@ -79,6 +79,11 @@ DEFAULT_DEVICE_OPTIONS: Final[list[str]] = [
 ]
 
 
+#: The demo VM's guest RAM and the guest program that keeps dirtying it.
+DEFAULT_MEMORY_OPTION: Final[str] = "1G,fill=mixed"
+DEFAULT_WORKLOAD_OPTION: Final[str] = "dirty-rate=64M,pattern=hotspot"
+
+
 def default_device_configs() -> list[DeviceConfig]:
     """:data:`DEFAULT_DEVICE_OPTIONS`, parsed."""
     return [parse_device_option(text) for text in DEFAULT_DEVICE_OPTIONS]

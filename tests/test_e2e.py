@@ -62,12 +62,14 @@ async def test_destination_killed_mid_migration_source_recovers():
 def test_demo_command_runs_both_modes():
     out = subprocess.run(
         [sys.executable, "-m", "migrate_ctl.demo", "--device", "vfio-sim,id=a,state-size=8M",
-         "--device", "vfio-sim,id=b,state-size=8M", "--channels", "2"],
+         "--device", "vfio-sim,id=b,state-size=8M", "--channels", "2",
+         "--memory", "16M,fill=mixed", "--workload", "dirty-rate=20M"],
         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("digests:       verified, all devices match") == 2
     assert "ratio multifd / main" in out.stdout
     assert "downtime:" in out.stdout
+    assert "guest RAM:     16.0 MiB" in out.stdout
 
 
 def test_migrate_ctl_reports_errors_clearly(tmp_path):

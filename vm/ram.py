@@ -49,6 +49,7 @@ import xxhash
 
 from protocol.errors import ConfigError, DeviceError, StateError
 from vm.properties import GiB, MiB, format_size, parse_size
+from vm.memory import allocate_anonymous, prefault
 from vm.vfio_sim import Role
 
 __all__ = [
@@ -86,7 +87,6 @@ _MAX_NAME_BYTES: Final = 255
 _UINT64_MAX: Final = (1 << 64) - 1
 _TILE_SIZE: Final = 1 * MiB
 # Linux 5.14+: populate (pre-fault) a range writable in one syscall.
-_MADV_POPULATE_WRITE: Final = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _BOOL_WORDS: Final[dict[str, bool]] = {
     "on": True,
     "yes": True,
@@ -475,13 +475,7 @@ class RamBlock:
 def _new_mapping(block: RamBlock, backend: BackendConfig, directory: Path | None) -> mmap.mmap:
     """Map one block: private anonymous memory, or its own freshly truncated file."""
     if directory is None:
-        buf = mmap.mmap(-1, block.used_length, flags=mmap.MAP_PRIVATE)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                buf.madvise(mmap.MADV_HUGEPAGE)
-            except OSError:  # not permitted here: just more page faults
-                pass
-        return buf
+        return allocate_anonymous(block.used_length)
     path = directory / block_file_name(block.name)
     # O_TRUNC: guest RAM starts zeroed like anonymous memory, whatever the file
     # held before (the destination's zero-page optimisation relies on it).
@@ -495,19 +489,6 @@ def _new_mapping(block: RamBlock, backend: BackendConfig, directory: Path | None
         os.close(fd)  # mmap keeps its own duplicate
     block.path = path
     return buf
-
-
-def _prefault(buf: mmap.mmap, view: memoryview) -> None:
-    """Make every page of ``buf`` present and writable, so later writes never fault."""
-    try:
-        buf.madvise(_MADV_POPULATE_WRITE)
-        return
-    except (OSError, ValueError):  # kernel < 5.14: touch the pages by writing zeros
-        pass
-    zeros = bytes(min(_TILE_SIZE, len(view)))
-    for offset in range(0, len(view), len(zeros)):
-        n = min(len(zeros), len(view) - offset)
-        view[offset : offset + n] = zeros[:n]
 
 
 def _runs(bitmap: bytes | bytearray, start: int, end: int) -> list[tuple[int, int]]:
@@ -645,7 +626,7 @@ class GuestRam:
                 else:
                     for block in self._block_list:
                         assert block._map is not None and block._view is not None
-                        _prefault(block._map, block._view)
+                        prefault(block._map, block._view)
             except BaseException:
                 self._unmap()
                 raise

@@ -33,6 +33,9 @@ def common_parser(prog: str, description: str, default_qmp: str) -> argparse.Arg
                         help="a device, QEMU -device syntax, e.g. "
                              "vfio-sim,id=gpu0,state-size=512M (repeatable; default: the "
                              "embedded VM with 4 devices of 256 MiB)")
+    parser.add_argument("--nodefaults", action="store_true",
+                        help="no default devices: only those given with --device (QEMU's "
+                             "-nodefaults)")
     parser.add_argument("--memory", metavar="SIZE[,fill=zero|random|mixed][,block=NAME:SIZE]",
                         help="guest RAM, e.g. 1G (block pc.ram); both sides need the same "
                              "(default: no guest RAM)")
@@ -59,7 +62,7 @@ def common_parser(prog: str, description: str, default_qmp: str) -> argparse.Arg
 
 
 def build_vm(args: argparse.Namespace, role: str) -> VirtualMachine:
-    options = args.device or list(DEFAULT_DEVICE_OPTIONS)
+    options = args.device or ([] if args.nodefaults else list(DEFAULT_DEVICE_OPTIONS))
     configs = [parse_device_option(text) for text in options]
     vm_uuid = uuid.UUID(args.uuid) if args.uuid else uuid.UUID(int=0)
     memory = parse_memory_option(args.memory) if args.memory else None

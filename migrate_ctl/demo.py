@@ -51,7 +51,7 @@ async def migrate_once(pair: DaemonPair, *, multifd: bool, channels: int,
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    devices = args.device or list(DEFAULT_DEVICE_OPTIONS)
+    devices = [] if args.no_devices else (args.device or list(DEFAULT_DEVICE_OPTIONS))
     modes = {"multifd": [True], "main": [False], "both": [True, False]}[args.mode]
     ram_args = [] if args.memory == "none" else ["--memory", args.memory]
     src_extra = list(ram_args)
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", action="append", default=[],
                         help="a device instead of the default VM (repeatable), e.g. "
                              "vfio-sim,id=gpu0,state-size=512M")
+    parser.add_argument("--no-devices", action="store_true",
+                        help="a VM with guest RAM only (no VFIO devices)")
     parser.add_argument("--memory", default=DEFAULT_MEMORY_OPTION,
                         help=f"guest RAM (default {DEFAULT_MEMORY_OPTION}; 'none' for a VM "
                              "with devices only)")

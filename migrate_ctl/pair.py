@@ -99,6 +99,8 @@ class DaemonPair:
         self.dst: DaemonProcess | None = None
 
     def _device_args(self) -> list[str]:
+        if not self.devices:
+            return ["--nodefaults"]
         return [a for d in self.devices for a in ("--device", d)]
 
     async def start(self) -> None:

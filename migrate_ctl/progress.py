@@ -128,7 +128,8 @@ def summary_lines(info: dict[str, Any], verified: bool | None = None) -> list[st
                      f"live, {human_bytes(ram.get('downtime-bytes', 0))} while stopped")
     dev_bytes = info.get("vfio", {}).get("transferred", 0)
     lines.append(f"transferred:   {human_bytes(sent)} in all, device state "
-                 f"{human_bytes(dev_bytes)}")
+                 f"{human_bytes(dev_bytes)}; average {_rate(sent, total_ms / 1000)} over the "
+                 "whole migration")
     checkpoints = info.get("x-downtime-checkpoints", {})
     if checkpoints and "downtime" in info:
         span = checkpoints.get("channels-drained", 0) - checkpoints.get("vm-stopped", 0)

@@ -65,8 +65,9 @@ class ReceiveChannel:
 
     def __init__(self, channel_id: int, sock: socket.socket, pool: BufferPool,
                  lookup: DeviceLookup, log: Any, ram: Any = None,
-                 compression: str = "none") -> None:
+                 compression: str = "none", recorder: Any = None) -> None:
         self.id = channel_id
+        self.recorder = recorder
         self.sock = sock
         self.ram = ram  # the RamLoadHandler, when the VM has guest RAM
         self.decompressor = (PacketDecompressor(compression) if compression != "none"
@@ -89,9 +90,13 @@ class ReceiveChannel:
     async def run(self) -> None:
         decoder = self.decoder
         try:
+            name = f"multifd-{self.id}"
             while True:
-                n = await recv_into(self.sock, decoder.buffer())
+                view = decoder.buffer()
+                n = await recv_into(self.sock, view)
                 self.bytes += n
+                if self.recorder is not None and n:
+                    self.recorder.record(name, view[:n])
                 events = decoder.eof() if n == 0 else decoder.advance(n)
                 for event in events:
                     if isinstance(event, DeviceStateReceived):

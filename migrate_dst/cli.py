@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from migrate_common.cli import build_settings, build_vm, common_parser, qmp_address, run_main
 from migrate_common.daemon import run_daemon
@@ -17,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--incoming", default="defer", metavar="defer|tcp:HOST:PORT|unix:PATH",
                         help="where to listen for the migration; 'defer' waits for QMP "
                              "migrate-incoming (default)")
+    parser.add_argument("--record-channels", metavar="DIR", type=Path,
+                        help="record every channel's bytes of each incoming migration into "
+                             "DIR/attempt-N (for migrate-analyze; slows receiving)")
     args = parser.parse_args(argv)
 
     def make():  # type: ignore[no-untyped-def]
@@ -26,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         incoming = None if args.incoming == "defer" else args.incoming
 
         async def serve() -> None:
-            await run_daemon(DestinationDaemon(vm, settings, incoming=incoming), address)
+            await run_daemon(DestinationDaemon(vm, settings, incoming=incoming,
+                                               record_dir=args.record_channels), address)
 
         return serve()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 from typing import Any
 
 from migrate_common.daemon import DaemonBase
@@ -21,6 +22,7 @@ from migrate_common.status import MigrationStatus as S
 from migrate_dst.channels import BufferPool
 from migrate_dst.incoming import IncomingListener
 from migrate_dst.migration import IncomingMigration
+from migrate_dst.record import ChannelRecorder
 from protocol.errors import ConfigError
 from vm.machine import RunState, VirtualMachine
 
@@ -31,9 +33,10 @@ class DestinationDaemon(DaemonBase):
     side = "dst"
 
     def __init__(self, vm: VirtualMachine, settings: MigrationSettings | None = None, *,
-                 incoming: str | None = None) -> None:
+                 incoming: str | None = None, record_dir: Path | None = None) -> None:
         super().__init__(vm, settings)
         self.incoming_uri = incoming
+        self.record_dir = record_dir
         self.vm.set_run_state(RunState.INMIGRATE)
         self.listener: IncomingListener | None = None
         self.attempt: IncomingMigration | None = None
@@ -92,10 +95,15 @@ class DestinationDaemon(DaemonBase):
                 return
             if self.status.status is not S.SETUP:
                 self.status.set(S.SETUP)
-            attempt = IncomingMigration(self.vm, self.settings.snapshot(), self.status,
-                                        self.pool, self.emit_event)
-            self.attempt = attempt
             self.attempts += 1
+            recorder = None
+            if self.record_dir is not None:
+                recorder = ChannelRecorder(self.record_dir, self.attempts,
+                                           {"side": "destination"})
+                self.log.info("recording channels", dir=str(recorder.dir))
+            attempt = IncomingMigration(self.vm, self.settings.snapshot(), self.status,
+                                        self.pool, self.emit_event, recorder=recorder)
+            self.attempt = attempt
             attempt.start()
         attempt.adopt(sock)
 

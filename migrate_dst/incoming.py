@@ -21,7 +21,8 @@ from protocol.multifd import INIT_SIZE, ChannelInit
 
 __all__ = ["IncomingListener", "Classified", "classify_connection"]
 
-Classified = tuple[ChannelKind, socket.socket, ChannelInit | None]
+#: the kind, the socket, the decoded init (multifd), the bytes read to classify it
+Classified = tuple[ChannelKind, socket.socket, ChannelInit | None, bytes]
 
 
 async def _read_exactly(sock: socket.socket, size: int, what: str) -> bytes:
@@ -44,10 +45,11 @@ async def classify_connection(sock: socket.socket, timeout: float) -> Classified
             first = await _read_exactly(sock, 4, "new connection")
             kind = classify_channel(first)
             if kind is ChannelKind.MAIN:
-                check_preamble(first + await _read_exactly(sock, 4, "main channel"))
-                return kind, sock, None
-            rest = await _read_exactly(sock, INIT_SIZE - 4, "multifd channel")
-            return kind, sock, ChannelInit.decode(first + rest)
+                preamble = first + await _read_exactly(sock, 4, "main channel")
+                check_preamble(preamble)
+                return kind, sock, None, preamble
+            raw = first + await _read_exactly(sock, INIT_SIZE - 4, "multifd channel")
+            return kind, sock, ChannelInit.decode(raw), raw
     except TimeoutError:
         raise ChannelError(f"a new connection sent no complete handshake within "
                            f"{timeout:g} s (x-connect-timeout)", channel="handshake") from None

@@ -44,6 +44,7 @@ from migrate_dst.channels import BufferPool, ReceiveChannel
 from migrate_dst.incoming import classify_connection
 from migrate_dst.load import SectionKind, VfioLoadHandler
 from migrate_dst.ram import RamLoadHandler, RecvSync
+from migrate_dst.record import ChannelRecorder
 from protocol.control import (
     RAM_DIGEST_KEY,
     SCHEMA_VERSION,
@@ -95,7 +96,9 @@ MATCHING_PROPERTIES = ("state-size", "precopy-size", "config-size")
 class IncomingMigration:
     def __init__(self, vm: VirtualMachine, settings: MigrationSettings,
                  status: StatusMachine, pool: BufferPool,
-                 emit_event: Callable[[str, dict[str, Any]], None]) -> None:
+                 emit_event: Callable[[str, dict[str, Any]], None],
+                 recorder: ChannelRecorder | None = None) -> None:
+        self.recorder = recorder
         self.vm = vm
         self.settings = settings
         self.status = status
@@ -146,12 +149,16 @@ class IncomingMigration:
 
     async def _classify(self, sock: socket.socket) -> None:
         try:
-            kind, sock, init = await classify_connection(sock, self._timeout())
+            kind, sock, init, prefix = await classify_connection(sock, self._timeout())
             if kind is ChannelKind.MAIN:
                 self._add_main(sock)
+                if self.recorder is not None:
+                    self.recorder.record("main", prefix)
             else:
                 assert init is not None
                 self._add_multifd(init, sock)
+                if self.recorder is not None:
+                    self.recorder.record(f"multifd-{init.channel_id}", prefix)
         except BaseException:
             sock.close()
             raise
@@ -172,7 +179,8 @@ class IncomingMigration:
                       connected=self.channels.keys())
         channel = ReceiveChannel(init.channel_id, sock, self.pool, self._lookup_handler,
                                  self.log, ram=self.ram_handler,
-                                 compression=self.settings.param("multifd-compression"))
+                                 compression=self.settings.param("multifd-compression"),
+                                 recorder=self.recorder)
         self.channels[init.channel_id] = channel
         self.log.info("multifd channel connected", channel=init.channel_id,
                       connected=len(self.channels), of=self.channel_count)
@@ -238,6 +246,9 @@ class IncomingMigration:
         err = self.funnel.error or ChannelError("incoming migration aborted")
         self.error_desc = describe(err)
         await self.funnel.close()
+        if self.recorder is not None:
+            self.recorder.update_meta(error=self.error_desc)
+            self.recorder.close()
         if self.return_path is not False and self.main_sock is not None:
             await self._say_goodbye(Shut(ok=False, error=self.error_desc,
                                          code=getattr(err, "code", "error")))
@@ -273,6 +284,8 @@ class IncomingMigration:
 
     async def _finish_success(self) -> None:
         await self.funnel.close()
+        if self.recorder is not None:
+            self.recorder.close()
         for handler in self.handlers.values():
             handler.load_cleanup()
         self._close_sockets()
@@ -300,8 +313,11 @@ class IncomingMigration:
         assert self.main_sock is not None
         decoder = ControlDecoder(expect_preamble=False, allocate=self._allocate_main)
         while True:
-            n = await recv_into(self.main_sock, decoder.buffer())
+            view = decoder.buffer()
+            n = await recv_into(self.main_sock, view)
             self.main_bytes += n
+            if self.recorder is not None and n:
+                self.recorder.record("main", view[:n])
             events = decoder.eof() if n == 0 else decoder.advance(n)
             for event in events:
                 if isinstance(event, StreamClosed):
@@ -455,6 +471,10 @@ class IncomingMigration:
                                      "counterpart on the source")
         self.hello = hello
         self.log = self.log.bind(migration=hello.migration_id[:8])
+        if self.recorder is not None:
+            self.recorder.update_meta(migration_id=hello.migration_id, vm_uuid=hello.vm_uuid,
+                                      channels=self.channel_count,
+                                      compression=self.settings.param("multifd-compression"))
         self.return_path = bool(caps.get("return-path"))
         self.switchover_ack = bool(caps.get("switchover-ack"))
         self.log.info("hello accepted", migration=hello.migration_id[:8],
@@ -575,6 +595,8 @@ class IncomingMigration:
             info["ram"] = self.ram_handler.stats()
         if self.checkpoints:
             info["x-downtime-checkpoints"] = dict(self.checkpoints)
+        if self.recorder is not None:
+            info["x-recording"] = str(self.recorder.dir)
         if status is S.FAILED and self.error_desc:
             info["error-desc"] = self.error_desc
         elif status is S.FAILING and self.funnel.error is not None:

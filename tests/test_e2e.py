@@ -78,3 +78,29 @@ def test_migrate_ctl_reports_errors_clearly(tmp_path):
          "status"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "cannot reach QMP" in out.stderr
+
+
+async def test_destination_records_its_channels(tmp_path):
+    record = tmp_path / "rec"
+    async with DaemonPair(["vfio-sim,id=gpu0,state-size=3M"],
+                          src_args=["--memory", "4M,fill=mixed"],
+                          dst_args=["--memory", "4M,fill=mixed",
+                                    "--record-channels", str(record)]) as pair:
+        info, verified = await migrate_once(pair, multifd=True, channels=2, timeout=60)
+        assert info["status"] == "completed" and verified
+        dst = await pair.dst.execute("query-migrate")
+    folder = record / "attempt-1"
+    assert dst["x-recording"] == str(folder)
+    import json
+
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["recorder"] == "multifd-migrate" and meta["channels"] == 2
+    assert (folder / "main.bin").read_bytes()[:4] == b"MFDM"
+    by_id = {c["id"]: c["bytes"] for c in dst["x-channels"]}
+    for cid in ("0", "1"):
+        data = (folder / f"multifd-{cid}.bin").read_bytes()
+        assert data[:4] == bytes.fromhex("11223344")
+        assert len(data) == 64 + by_id[cid]          # the init is read before the channel task
+        offsets = [int(line.split()[0]) for line in
+                   (folder / f"multifd-{cid}.recv").read_text().splitlines()]
+        assert offsets == sorted(offsets) and offsets[0] == 0

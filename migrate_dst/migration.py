@@ -537,10 +537,19 @@ class IncomingMigration:
                 raise SequenceError("duplicate SWITCHOVER_START")
             self._switchover_at = self.clock()
             self._checkpoint("switchover-start")
+            self.funnel.spawn(self._switchover_watchdog(), "switchover-watchdog")
             for handler in self.handlers.values():
                 await handler.switchover_start()
         else:
             raise SequenceError(f"unsupported command {message.cmd!r}")
+
+    async def _switchover_watchdog(self) -> None:
+        """A source that stalls while its VM is stopped must not hold us forever."""
+        timeout = self._timeout_switchover()
+        await asyncio.sleep(timeout)
+        if not self._completed.is_set():
+            raise ChannelError(f"the source did not finish the switchover within {timeout:g} s "
+                               "of SWITCHOVER_START (x-switchover-timeout)", channel="main")
 
     def _checkpoint(self, name: str) -> None:
         base = self._switchover_at if self._switchover_at is not None else self.start_time

@@ -80,3 +80,25 @@ async def test_wrong_digest_never_starts_the_vm(pair_factory):
         info = await wait_status(pair.dst, "failed")
         assert "does not match" in info["error-desc"]
         assert (await pair.dst.execute("query-status"))["status"] == "inmigrate"
+
+
+async def test_source_stalling_in_switchover_times_out(pair_factory):
+    configs = [parse_device_option(DEVICES[0])]
+    async with pair_factory(DEVICES[:1]) as pair:
+        await pair.configure(multifd=True, channels=2, side="dst",
+                             extra_params={"x-switchover-timeout": 300})
+        fake = FakeSource(parse_address(await pair.uri()), channels=2)
+        try:
+            await fake.connect_all()
+            await fake.send(fake.hello(configs))
+            assert (await fake.receive()).accepted
+            await fake.setup_sections(configs)
+            await fake.send(Command(CommandType.SWITCHOVER_START))
+            # ... and then nothing: a stalled (or slow-loris) source
+            shut = await fake.receive(timeout=10)
+            assert isinstance(shut, Shut) and not shut.ok
+            assert "x-switchover-timeout" in shut.error
+        finally:
+            fake.close()
+        info = await wait_status(pair.dst, "failed")
+        assert "did not finish the switchover" in info["error-desc"]

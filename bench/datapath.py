@@ -1,0 +1,196 @@
+"""Choose the data path by measurement: one event loop vs. one thread per channel.
+
+Moves ``--size`` bytes from a sender process to a receiver process over N loopback
+TCP streams in ``--packet``-sized packets (a 12-byte header + payload, like a
+multifd packet), receiving into preallocated buffers, and reports GB/s for:
+
+* ``loop``    — each process runs one uvloop event loop; non-blocking sockets,
+                ``sendmsg`` / ``sock_recv_into`` (today's daemons);
+* ``threads`` — each process runs one thread per stream with blocking
+                ``sendmsg`` / ``recv_into`` (both release the GIL during the copy).
+
+Run:  python bench/datapath.py --streams 1 2 4 8 --size 2G
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import socket
+import struct
+import threading
+import time
+
+HEADER = struct.Struct(">III")
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+def _shares(total: int, streams: int, packet: int) -> list[int]:
+    packets = total // packet
+    return [packets // streams + (1 if i < packets % streams else 0) for i in range(streams)]
+
+
+# -- blocking, one thread per stream -----------------------------------------------------
+def _send_blocking(sock: socket.socket, packets: int, payload: memoryview) -> None:
+    hdr = HEADER.pack(0x11223344, 1, 0x40)
+    for _ in range(packets):
+        views = [memoryview(hdr), payload]
+        while views:
+            sent = sock.sendmsg(views)
+            while sent:
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+    sock.shutdown(socket.SHUT_WR)
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+def _recv_blocking(sock: socket.socket, packet: int, counter: list[int]) -> None:
+    hdr = memoryview(bytearray(HEADER.size))
+    buf = memoryview(bytearray(packet))
+    total = 0
+    while _recv_exact(sock, hdr):
+        HEADER.unpack(hdr)
+        _recv_exact(sock, buf)
+        total += packet
+    counter.append(total)
+
+
+# -- one uvloop event loop ---------------------------------------------------------------
+async def _send_loop(socks: list[socket.socket], shares: list[int], payload: memoryview) -> None:
+    from migrate_common.net import sendmsg_all
+
+    hdr = HEADER.pack(0x11223344, 1, 0x40)
+
+    async def one(sock: socket.socket, packets: int) -> None:
+        for _ in range(packets):
+            await sendmsg_all(sock, [hdr, payload])
+        sock.shutdown(socket.SHUT_WR)
+
+    await asyncio.gather(*(one(s, n) for s, n in zip(socks, shares, strict=True)))
+
+
+async def _recv_loop(socks: list[socket.socket], packet: int) -> int:
+    loop = asyncio.get_running_loop()
+
+    async def exact(sock: socket.socket, view: memoryview) -> bool:
+        got = 0
+        while got < len(view):
+            n = await loop.sock_recv_into(sock, view[got:])
+            if n == 0:
+                return False
+            got += n
+        return True
+
+    async def one(sock: socket.socket) -> int:
+        hdr = memoryview(bytearray(HEADER.size))
+        buf = memoryview(bytearray(packet))
+        total = 0
+        while await exact(sock, hdr):
+            await exact(sock, buf)
+            total += packet
+        return total
+
+    return sum(await asyncio.gather(*(one(s) for s in socks)))
+
+
+# -- processes ---------------------------------------------------------------------------
+def _receiver(mode: str, port_q: mp.Queue, result_q: mp.Queue, streams: int,
+              packet: int) -> None:
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(streams)
+    port_q.put(lsock.getsockname()[1])
+    socks = [lsock.accept()[0] for _ in range(streams)]
+    start = time.perf_counter()
+    if mode == "threads":
+        counter: list[int] = []
+        threads = [threading.Thread(target=_recv_blocking, args=(s, packet, counter))
+                   for s in socks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        total = sum(counter)
+    else:
+        import uvloop
+
+        for s in socks:
+            s.setblocking(False)
+        total = uvloop.run(_recv_loop(socks, packet))
+    result_q.put((total, time.perf_counter() - start))
+
+
+def _sender(mode: str, port: int, streams: int, size: int, packet: int) -> None:
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
+    for s in socks:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    payload = memoryview(bytearray(b"\x5a" * packet))
+    shares = _shares(size, streams, packet)
+    if mode == "threads":
+        threads = [threading.Thread(target=_send_blocking, args=(s, n, payload))
+                   for s, n in zip(socks, shares, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        import uvloop
+
+        for s in socks:
+            s.setblocking(False)
+        uvloop.run(_send_loop(socks, shares, payload))
+
+
+def measure(mode: str, streams: int, size: int, packet: int) -> float:
+    ctx = mp.get_context("fork")
+    port_q: mp.Queue = ctx.Queue()
+    result_q: mp.Queue = ctx.Queue()
+    recv = ctx.Process(target=_receiver, args=(mode, port_q, result_q, streams, packet))
+    recv.start()
+    port = port_q.get(timeout=10)
+    send = ctx.Process(target=_sender, args=(mode, port, streams, size, packet))
+    send.start()
+    total, seconds = result_q.get(timeout=300)
+    send.join()
+    recv.join()
+    return total / seconds / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--size", default="2G")
+    parser.add_argument("--packet", default="1M")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["loop", "threads"])
+    args = parser.parse_args()
+    size, packet = parse_size(args.size), parse_size(args.packet)
+    print(f"{'streams':>7} " + " ".join(f"{m:>16}" for m in args.modes) + "   (GB/s, median)")
+    for streams in args.streams:
+        cells = []
+        for mode in args.modes:
+            runs = sorted(measure(mode, streams, size, packet) for _ in range(args.repeat))
+            cells.append(f"{runs[len(runs) // 2]:6.2f} ({runs[0]:.2f}-{runs[-1]:.2f})")
+        print(f"{streams:>7} " + " ".join(f"{c:>16}" for c in cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,20 +4,27 @@ The phases follow QEMU's precopy migration thread:
 
 1. **setup** — connect the main channel and the N multifd channels (each sends its
    64-byte init), send ``hello`` and wait for the destination's reply on the return
-   path, OPEN_RETURN_PATH, one START section per device (``save_setup``).
-2. **active** — PART sections with pre-copy data on the main channel until no device
-   has pre-copy data left and, with ``switchover-ack``, the destination has allowed
-   the switchover.  ``max-bandwidth`` paces this phase.
-3. **device** (downtime) — stop the VM (devices quiesce concurrently), send
-   SWITCHOVER_START, start one ``save_complete_precopy_thread`` task per device at
-   once, write the END sections, join the tasks, write the FULL sections, ``eof``
-   with the source's digests, drain every multifd channel, then wait for the
-   destination's SHUT.  Downtime ends when SHUT arrives: the destination's VM runs.
+   path, OPEN_RETURN_PATH, then one START section per handler (``save_setup``):
+   guest RAM first (its block list, the first flush), then every device.
+2. **active** — iterations of PART sections: RAM hands dirty pages to the multifd
+   channels round after round (``migrate_src/ram.py``), devices send pre-copy data
+   on the main channel.  The switchover is decided as QEMU does: no device pre-copy
+   left, the destination's switchover-ack (if enabled) received, and the RAM still
+   dirty at most ``bandwidth × downtime-limit`` (re-checked after an exact dirty-log
+   sync).  ``max-bandwidth`` paces this phase only; a guest that dirties faster than
+   the migration moves is reported as not converging.
+3. **device** (downtime) — stop the VM (guest workload paused, devices quiesce
+   concurrently), send SWITCHOVER_START, start one ``save_complete_precopy_thread``
+   task per device at once, write the END sections (RAM's final pass runs while the
+   device tasks share the channels), join the tasks, write the FULL sections,
+   ``eof`` with the digests of every device and of the RAM as it was when the VM
+   stopped, drain every multifd channel, then wait for the destination's SHUT.
+   Downtime ends when SHUT arrives: the destination's VM runs.
 4. **completed** — the source VM stays stopped (``postmigrate``); devices go to STOP.
 
 Every task runs under one :class:`Funnel`: the first error is recorded as
 ``error-desc``, all tasks are cancelled in one place, the sockets are closed and the
-source VM runs again, with its devices back in RUNNING.
+source VM runs again, with its devices back in RUNNING and its guest writing again.
 """
 
 from __future__ import annotations

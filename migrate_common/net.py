@@ -79,11 +79,22 @@ def parse_address(uri: str) -> Address:
     return Address("tcp", host=host, port=port)
 
 
+#: TCP keepalive: a peer that vanished without a FIN or RST (a dead host, a cut link)
+#: is noticed after about KEEPALIVE_IDLE + KEEPALIVE_COUNT × KEEPALIVE_INTERVAL seconds
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
+
+
 def tune_socket(sock: socket.socket) -> None:
-    """Settings every migration socket gets: non-blocking, no Nagle delay."""
+    """Settings every migration socket gets: non-blocking, no Nagle delay, keepalive."""
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+                            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                            ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 async def connect(addr: Address, timeout: float, what: str = "channel") -> socket.socket:
@@ -169,8 +180,13 @@ async def _wait_writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -
         loop.remove_writer(fd)
 
 
-async def sendmsg_all(sock: socket.socket, buffers: Sequence[Buffer]) -> int:
-    """Send every byte of ``buffers`` (gathered, no joining); return the count."""
+async def sendmsg_all(sock: socket.socket, buffers: Sequence[Buffer],
+                      stall_timeout: float | None = None, what: str = "channel") -> int:
+    """Send every byte of ``buffers`` (gathered, no joining); return the count.
+
+    With ``stall_timeout``, a peer that accepts no byte at all for that many seconds
+    raises :class:`ChannelError` (slow is fine; stalled is not).
+    """
     loop = asyncio.get_running_loop()
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     total = sum(len(v) for v in views)
@@ -178,7 +194,15 @@ async def sendmsg_all(sock: socket.socket, buffers: Sequence[Buffer]) -> int:
         try:
             sent = sock.sendmsg(views)
         except (BlockingIOError, InterruptedError):
-            await _wait_writable(loop, sock)
+            if stall_timeout is None:
+                await _wait_writable(loop, sock)
+                continue
+            try:
+                async with asyncio.timeout(stall_timeout):
+                    await _wait_writable(loop, sock)
+            except TimeoutError:
+                raise ChannelError(f"{what}: the peer accepted no data for {stall_timeout:g} s "
+                                   "(x-channel-stall-timeout)", channel=what) from None
             continue
         while sent:
             head = views[0]

@@ -38,6 +38,7 @@ PARAMETER_DEFAULTS: dict[str, Any] = {
     "max-bandwidth": 128 * 1024 * 1024,  # bytes/s, live phase only
     "x-connect-timeout": 10_000,      # ms: connecting, handshakes, waiting for channels
     "x-switchover-timeout": 120_000,  # ms: from VM stop until the destination's SHUT
+    "x-channel-stall-timeout": 30_000,  # ms: a channel that accepts no byte at all
 }
 
 _INT_RANGES = {
@@ -48,6 +49,7 @@ _INT_RANGES = {
     "max-bandwidth": (0, 2**63 - 1),
     "x-connect-timeout": (100, 3_600_000),
     "x-switchover-timeout": (100, 3_600_000),
+    "x-channel-stall-timeout": (100, 3_600_000),
 }
 _COMPRESSION = ("none", "zlib", "zstd")
 _ZERO_PAGE_DETECTION = ("none", "legacy", "multifd")

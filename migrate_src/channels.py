@@ -56,8 +56,10 @@ class ChannelStats:
 class MainChannel:
     """Main channel writer plus the return-path reader on the same socket."""
 
-    def __init__(self, sock: socket.socket, funnel: Funnel, log: Any) -> None:
+    def __init__(self, sock: socket.socket, funnel: Funnel, log: Any,
+                 stall_timeout: float | None = None) -> None:
         self.sock = sock
+        self.stall_timeout = stall_timeout
         self.stats = ChannelStats("main")
         self._funnel = funnel
         self._log = log.bind(channel="main")
@@ -76,7 +78,8 @@ class MainChannel:
         if TRACE.packets:
             self._log.debug("-> main", message=type(message).__name__,
                             payload=0 if payload is None else len(payload))
-        self.stats.bytes += await sendmsg_all(self.sock, parts)
+        self.stats.bytes += await sendmsg_all(self.sock, parts, self.stall_timeout,
+                                              "main channel")
         self.stats.packets += 1
 
     def start_return_path(self) -> None:
@@ -225,7 +228,8 @@ class MultifdSender:
 
     def __init__(self, socks: list[socket.socket], vm_uuid: bytes, funnel: Funnel,
                  log: Any, page_size: int = 4096, compression: str = "none",
-                 level: int = 1) -> None:
+                 level: int = 1, stall_timeout: float | None = None) -> None:
+        self.stall_timeout = stall_timeout
         self._channels = [
             _SendChannel(i, s, ChannelStats(str(i)),
                          compressor=PacketCompressor(compression, level)
@@ -306,7 +310,8 @@ class MultifdSender:
             start = time.perf_counter()
             parts = await job.build(self, chan)
             try:
-                n = await sendmsg_all(chan.sock, parts)
+                n = await sendmsg_all(chan.sock, parts, self.stall_timeout,
+                                      f"multifd channel {chan.id}")
             except OSError as exc:
                 raise ChannelError(f"multifd channel {chan.id}: send failed: "
                                    f"{exc.strerror or exc}", channel=str(chan.id)) from exc

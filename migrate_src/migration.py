@@ -257,7 +257,8 @@ class OutgoingMigration:
                       channels=settings.param("multifd-channels") if multifd else 0)
 
         main_sock = await connect(self.address, connect_timeout, "main channel")
-        self.main = MainChannel(main_sock, self.funnel, self.log)
+        stall = self._timeout("x-channel-stall-timeout")
+        self.main = MainChannel(main_sock, self.funnel, self.log, stall_timeout=stall)
         if multifd:
             count = settings.param("multifd-channels")
             socks = await asyncio.gather(
@@ -273,7 +274,8 @@ class OutgoingMigration:
             self.sender = MultifdSender(good, self.vm.uuid.bytes, self.funnel, self.log,
                                         page_size=page_size,
                                         compression=settings.param("multifd-compression"),
-                                        level=compression_level(settings))
+                                        level=compression_level(settings),
+                                        stall_timeout=stall)
             await self.sender.send_init()
             self.sender.start()
         await self.main.send_preamble()

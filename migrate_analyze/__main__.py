@@ -1,0 +1,5 @@
+import sys
+
+from migrate_analyze.cli import main
+
+sys.exit(main())

@@ -13,13 +13,15 @@ from typing import Any
 from migrate_common.log import configure_logging
 from migrate_common.net import Address, parse_address
 from migrate_common.settings import MigrationSettings
+from migrate_common.tls import TlsCreds, parse_tls_object
 from protocol.errors import ConfigError
 from vm.machine import DEFAULT_DEVICE_OPTIONS, VirtualMachine
 from vm.properties import parse_device_option
 from vm.ram import parse_memory_backend, parse_memory_option
 from vm.workload import parse_workload_option
 
-__all__ = ["common_parser", "build_vm", "build_settings", "run_main", "qmp_address"]
+__all__ = ["common_parser", "build_vm", "build_settings", "build_tls_objects", "run_main",
+           "qmp_address"]
 
 
 def common_parser(prog: str, description: str, default_qmp: str) -> argparse.ArgumentParser:
@@ -47,6 +49,9 @@ def common_parser(prog: str, description: str, default_qmp: str) -> argparse.Arg
                         "hotspot,seed=N",
                         help="a guest that writes RAM while the VM runs (source: from the "
                              "start; destination: once the migrated VM runs)")
+    parser.add_argument("--object", action="append", default=[], metavar="tls-creds-x509,...",
+                        help="TLS credentials, QEMU style: tls-creds-x509,id=tls0,dir=PATH"
+                             "[,verify-peer=on|off]; select with --parameter tls-creds=tls0")
     parser.add_argument("--capability", action="append", default=[], metavar="NAME=on|off",
                         help="set a migration capability at start (like "
                              "migrate-set-capabilities), e.g. multifd=on")
@@ -85,6 +90,16 @@ def build_settings(args: argparse.Namespace) -> MigrationSettings:
             raise ConfigError(f"--parameter {item!r}: expected NAME=VALUE")
         settings.set_parameter_text(name, value)
     return settings
+
+
+def build_tls_objects(args: argparse.Namespace) -> dict[str, TlsCreds]:
+    objects: dict[str, TlsCreds] = {}
+    for text in args.object:
+        creds = parse_tls_object(text)
+        if creds.id in objects:
+            raise ConfigError(f"--object: duplicate id {creds.id!r}")
+        objects[creds.id] = creds
+    return objects
 
 
 def qmp_address(args: argparse.Namespace) -> Address:

@@ -16,6 +16,7 @@ from migrate_common.net import Address
 from migrate_common.qmp import CommandTable, QmpError, QmpServer, require
 from migrate_common.settings import MigrationSettings
 from migrate_common.status import MigrationStatus, StatusMachine
+from migrate_common.tls import TlsCreds
 from protocol.errors import ConfigError, StateError
 from vm.machine import VirtualMachine
 from vm.properties import PROPERTY_NAMES, format_size
@@ -30,8 +31,10 @@ class DaemonBase:
 
     side = "base"
 
-    def __init__(self, vm: VirtualMachine, settings: MigrationSettings | None = None) -> None:
+    def __init__(self, vm: VirtualMachine, settings: MigrationSettings | None = None,
+                 tls_objects: dict[str, TlsCreds] | None = None) -> None:
         self.vm = vm
+        self.tls_objects = dict(tls_objects or {})
         self.settings = settings or MigrationSettings()
         self.status = StatusMachine()
         self.status.subscribe(self._on_status)
@@ -68,6 +71,17 @@ class DaemonBase:
             "x-query-state-digest": self.cmd_state_digest,
             "quit": self.cmd_quit,
         }
+
+    def tls_creds(self, settings: MigrationSettings) -> TlsCreds | None:
+        """The credentials the ``tls-creds`` parameter names, or None without TLS."""
+        name = settings.param("tls-creds")
+        if not name:
+            return None
+        creds = self.tls_objects.get(name)
+        if creds is None:
+            raise ConfigError(f"tls-creds {name!r}: no such object; declare it with --object "
+                              f"tls-creds-x509,id={name},dir=PATH")
+        return creds
 
     def migration_running(self) -> bool:
         """Whether a migration uses the settings and devices right now."""

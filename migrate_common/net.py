@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -190,6 +191,9 @@ async def sendmsg_all(sock: socket.socket, buffers: Sequence[Buffer],
     loop = asyncio.get_running_loop()
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     total = sum(len(v) for v in views)
+    if isinstance(sock, ssl.SSLSocket):
+        await _ssl_send_all(sock, views, stall_timeout, what)
+        return total
     while views:
         try:
             sent = sock.sendmsg(views)
@@ -215,6 +219,56 @@ async def sendmsg_all(sock: socket.socket, buffers: Sequence[Buffer],
     return total
 
 
+async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    fut = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    fd = sock.fileno()
+    loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
+
+
 async def recv_into(sock: socket.socket, view: memoryview) -> int:
     """One receive into ``view``; returns 0 at EOF."""
-    return await asyncio.get_running_loop().sock_recv_into(sock, view)
+    loop = asyncio.get_running_loop()
+    if not isinstance(sock, ssl.SSLSocket):
+        return await loop.sock_recv_into(sock, view)
+    while True:
+        try:
+            return sock.recv_into(view)
+        except ssl.SSLWantReadError:
+            await _wait_readable(loop, sock)
+        except ssl.SSLWantWriteError:
+            await _wait_writable(loop, sock)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            # close_notify, or a peer that closed without one: the decoders decide
+            # whether the stream ended at a boundary or was cut short
+            return 0
+
+
+async def _ssl_send_all(sock: ssl.SSLSocket, views: list[memoryview],
+                        stall_timeout: float | None, what: str) -> None:
+    """TLS has no gathered write: send the views one after the other."""
+    loop = asyncio.get_running_loop()
+    for view in views:
+        while view:
+            try:
+                sent = sock.send(view)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
+                wait = (_wait_writable(loop, sock) if isinstance(exc, ssl.SSLWantWriteError)
+                        else _wait_readable(loop, sock))
+                try:
+                    async with asyncio.timeout(stall_timeout):
+                        await wait
+                except TimeoutError:
+                    raise ChannelError(f"{what}: the peer accepted no data for "
+                                       f"{stall_timeout:g} s (x-channel-stall-timeout)",
+                                       channel=what) from None
+                continue
+            view = view[sent:]

@@ -39,6 +39,8 @@ PARAMETER_DEFAULTS: dict[str, Any] = {
     "x-connect-timeout": 10_000,      # ms: connecting, handshakes, waiting for channels
     "x-switchover-timeout": 120_000,  # ms: from VM stop until the destination's SHUT
     "x-channel-stall-timeout": 30_000,  # ms: a channel that accepts no byte at all
+    "tls-creds": "",                  # id of a --object tls-creds-x509; "" = no TLS
+    "tls-hostname": "",               # name the destination's certificate must carry
 }
 
 _INT_RANGES = {
@@ -112,6 +114,11 @@ class MigrationSettings:
                 lo, hi = _INT_RANGES[name]
                 if not lo <= value <= hi:
                     raise ConfigError(f"Parameter '{name}' expects a value between {lo} and {hi}")
+            elif name in ("tls-creds", "tls-hostname"):
+                if value is None:
+                    value = ""  # QMP's StrOrNull: null resets it
+                if not isinstance(value, str) or len(value) > 255:
+                    raise ConfigError(f"Invalid parameter type for '{name}', expected: string")
             elif name == "zero-page-detection":
                 if value not in _ZERO_PAGE_DETECTION:
                     raise ConfigError("Parameter 'zero-page-detection' expects one of "

@@ -5,7 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from migrate_common.cli import build_settings, build_vm, common_parser, qmp_address, run_main
+from migrate_common.cli import (
+    build_settings,
+    build_tls_objects,
+    build_vm,
+    common_parser,
+    qmp_address,
+    run_main,
+)
 from migrate_common.daemon import run_daemon
 from migrate_dst.daemon import DestinationDaemon
 
@@ -28,10 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = build_settings(args)
         address = qmp_address(args)
         incoming = None if args.incoming == "defer" else args.incoming
+        tls_objects = build_tls_objects(args)
 
         async def serve() -> None:
             await run_daemon(DestinationDaemon(vm, settings, incoming=incoming,
-                                               record_dir=args.record_channels), address)
+                                               record_dir=args.record_channels,
+                                               tls_objects=tls_objects), address)
 
         return serve()
 

@@ -22,6 +22,7 @@ from migrate_common.status import MigrationStatus as S
 from migrate_dst.channels import BufferPool
 from migrate_dst.incoming import IncomingListener
 from migrate_dst.migration import IncomingMigration
+from migrate_common.tls import TlsCreds, server_context
 from migrate_dst.record import ChannelRecorder
 from protocol.errors import ConfigError
 from vm.machine import RunState, VirtualMachine
@@ -33,8 +34,9 @@ class DestinationDaemon(DaemonBase):
     side = "dst"
 
     def __init__(self, vm: VirtualMachine, settings: MigrationSettings | None = None, *,
-                 incoming: str | None = None, record_dir: Path | None = None) -> None:
-        super().__init__(vm, settings)
+                 incoming: str | None = None, record_dir: Path | None = None,
+                 tls_objects: dict[str, TlsCreds] | None = None) -> None:
+        super().__init__(vm, settings, tls_objects)
         self.incoming_uri = incoming
         self.record_dir = record_dir
         self.vm.set_run_state(RunState.INMIGRATE)
@@ -101,8 +103,16 @@ class DestinationDaemon(DaemonBase):
                 recorder = ChannelRecorder(self.record_dir, self.attempts,
                                            {"side": "destination"})
                 self.log.info("recording channels", dir=str(recorder.dir))
-            attempt = IncomingMigration(self.vm, self.settings.snapshot(), self.status,
-                                        self.pool, self.emit_event, recorder=recorder)
+            settings = self.settings.snapshot()
+            try:
+                creds = self.tls_creds(settings)
+                tls = server_context(creds) if creds is not None else None
+            except ConfigError as exc:
+                self.log.error("refused a connection: TLS is misconfigured", error=str(exc))
+                sock.close()
+                return
+            attempt = IncomingMigration(self.vm, settings, self.status,
+                                        self.pool, self.emit_event, recorder=recorder, tls=tls)
             self.attempt = attempt
             attempt.start()
         attempt.adopt(sock)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from migrate_common.net import Address, address_info, listen, recv_into, tune_socket
+from migrate_common.tls import handshake
 from protocol.control import ChannelKind, check_preamble, classify_channel
 from protocol.errors import ChannelError
 from protocol.multifd import INIT_SIZE, ChannelInit
@@ -38,8 +40,15 @@ async def _read_exactly(sock: socket.socket, size: int, what: str) -> bytes:
     return bytes(buf)
 
 
-async def classify_connection(sock: socket.socket, timeout: float) -> Classified:
-    """Read the first bytes of a new connection and tell what channel it is."""
+async def classify_connection(sock: socket.socket, timeout: float,
+                              tls: ssl.SSLContext | None = None) -> Classified:
+    """Read the first bytes of a new connection and tell what channel it is.
+
+    With TLS the handshake comes first and the magic is read inside the session
+    (QEMU cannot peek under TLS and relies on the order instead; we need not)."""
+    if tls is not None:
+        sock = await handshake(sock, tls, server_side=True, server_hostname=None,
+                               timeout=timeout, what="new connection")
     try:
         async with asyncio.timeout(timeout):
             first = await _read_exactly(sock, 4, "new connection")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -97,8 +98,10 @@ class IncomingMigration:
     def __init__(self, vm: VirtualMachine, settings: MigrationSettings,
                  status: StatusMachine, pool: BufferPool,
                  emit_event: Callable[[str, dict[str, Any]], None],
-                 recorder: ChannelRecorder | None = None) -> None:
+                 recorder: ChannelRecorder | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.recorder = recorder
+        self.tls = tls
         self.vm = vm
         self.settings = settings
         self.status = status
@@ -149,7 +152,8 @@ class IncomingMigration:
 
     async def _classify(self, sock: socket.socket) -> None:
         try:
-            kind, sock, init, prefix = await classify_connection(sock, self._timeout())
+            kind, sock, init, prefix = await classify_connection(sock, self._timeout(),
+                                                                 self.tls)
             if kind is ChannelKind.MAIN:
                 self._add_main(sock)
                 if self.recorder is not None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from migrate_common.cli import build_settings, build_vm, common_parser, qmp_address, run_main
+from migrate_common.cli import (
+    build_settings,
+    build_tls_objects,
+    build_vm,
+    common_parser,
+    qmp_address,
+    run_main,
+)
 from migrate_common.daemon import run_daemon
 from migrate_src.daemon import SourceDaemon
 
@@ -18,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def make():  # type: ignore[no-untyped-def]
         vm = build_vm(args, "source")
-        daemon_args = (vm, build_settings(args))
+        daemon_args = (vm, build_settings(args), build_tls_objects(args))
         address = qmp_address(args)
 
         async def serve() -> None:

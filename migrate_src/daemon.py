@@ -14,6 +14,7 @@ from migrate_common.daemon import DaemonBase
 from migrate_common.net import parse_address
 from migrate_common.qmp import CommandTable, QmpError, require
 from migrate_common.settings import MigrationSettings, effective_multifd_transfer
+from migrate_common.tls import TlsCreds, client_context
 from migrate_src.migration import OutgoingMigration
 from protocol.errors import ConfigError
 from vm.machine import RunState, VirtualMachine
@@ -25,8 +26,9 @@ __all__ = ["SourceDaemon"]
 class SourceDaemon(DaemonBase):
     side = "src"
 
-    def __init__(self, vm: VirtualMachine, settings: MigrationSettings | None = None) -> None:
-        super().__init__(vm, settings)
+    def __init__(self, vm: VirtualMachine, settings: MigrationSettings | None = None,
+                 tls_objects: dict[str, TlsCreds] | None = None) -> None:
+        super().__init__(vm, settings, tls_objects)
         self.migration: OutgoingMigration | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -56,10 +58,12 @@ class SourceDaemon(DaemonBase):
             settings = self.settings.snapshot()
             for device in self.vm.devices.values():  # fail early, like QEMU's save_setup
                 effective_multifd_transfer(device.config.multifd_transfer, settings, device.id)
+            creds = self.tls_creds(settings)
+            tls = client_context(creds) if creds is not None else None
         except ConfigError as exc:
             raise QmpError(str(exc)) from None
         self.migration = OutgoingMigration(self.vm, settings, uri, address, self.status,
-                                           self.emit_event)
+                                           self.emit_event, tls=tls)
         self._task = asyncio.get_running_loop().create_task(self.migration.run(),
                                                             name="outgoing-migration")
         return {}

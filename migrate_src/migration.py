@@ -30,6 +30,8 @@ source VM runs again, with its devices back in RUNNING and its guest writing aga
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -46,6 +48,7 @@ from migrate_common.settings import (
 )
 from migrate_common.status import MigrationStatus as S
 from migrate_common.status import StatusMachine
+from migrate_common.tls import handshake
 from migrate_src.channels import MainChannel, MultifdSender
 from migrate_src.ram import RamSaveHandler
 from migrate_src.save import VfioSaveHandler
@@ -104,8 +107,10 @@ class OutgoingMigration:
 
     def __init__(self, vm: VirtualMachine, settings: MigrationSettings, uri: str,
                  address: Address, status: StatusMachine,
-                 emit_event: Callable[[str, dict[str, Any]], None]) -> None:
+                 emit_event: Callable[[str, dict[str, Any]], None],
+                 tls: ssl.SSLContext | None = None) -> None:
         self.vm = vm
+        self.tls = tls
         self.settings = settings
         self.uri = uri
         self.address = address
@@ -256,14 +261,14 @@ class OutgoingMigration:
         self.log.info("migration starting", uri=self.uri, multifd=multifd,
                       channels=settings.param("multifd-channels") if multifd else 0)
 
-        main_sock = await connect(self.address, connect_timeout, "main channel")
+        main_sock = await self._connect("main channel")
         stall = self._timeout("x-channel-stall-timeout")
         self.main = MainChannel(main_sock, self.funnel, self.log, stall_timeout=stall)
         if multifd:
             count = settings.param("multifd-channels")
             socks = await asyncio.gather(
-                *(connect(self.address, connect_timeout, f"multifd channel {i}")
-                  for i in range(count)), return_exceptions=True)
+                *(self._connect(f"multifd channel {i}") for i in range(count)),
+                return_exceptions=True)
             good = [s for s in socks if not isinstance(s, BaseException)]
             errors = [s for s in socks if isinstance(s, BaseException)]
             if errors:
@@ -332,6 +337,17 @@ class OutgoingMigration:
             await self.main.send(SectionFooter(handler.section_id))
         self.setup_time = self.clock() - self.start_time
         self.log.info("setup done", setup_ms=round(self.setup_time * 1000, 1))
+
+    async def _connect(self, what: str) -> socket.socket:
+        """One connection to the destination, TLS-wrapped when ``tls-creds`` is set."""
+        timeout = self._timeout("x-connect-timeout")
+        sock = await connect(self.address, timeout, what)
+        if self.tls is None:
+            return sock
+        hostname = (self.settings.param("tls-hostname") or
+                    (self.address.host if self.address.transport == "tcp" else "localhost"))
+        return await handshake(sock, self.tls, server_side=False, server_hostname=hostname,
+                               timeout=timeout, what=what)
 
     def _bytes_sent(self) -> int:
         total = self.main.stats.bytes if self.main else 0
@@ -505,6 +521,7 @@ class OutgoingMigration:
             "status": status.value,
             "total-time": int(total_time * 1000),
             "x-migration-id": self.id,
+            "x-tls": self.tls is not None,
         }
         if self.setup_time is not None:
             info["setup-time"] = int(self.setup_time * 1000)

@@ -15,6 +15,7 @@ import pytest
 from migrate_common.log import configure_logging
 from migrate_common.net import Address
 from migrate_common.qmp_client import QmpClient
+from migrate_common.tls import TlsCreds
 from migrate_dst.daemon import DestinationDaemon
 from migrate_src.daemon import SourceDaemon
 from vm.machine import VirtualMachine
@@ -107,7 +108,9 @@ async def make_pair(tmp_path: Path, devices: list[str],
                     dst_uuid: uuid.UUID | None = None,
                     memory: str | None = None, dst_memory: str | None = None,
                     workload: str | None = None,
-                    dst_workload: str | None = None) -> AsyncIterator[Pair]:
+                    dst_workload: str | None = None,
+                    src_tls: Path | None = None, dst_tls: Path | None = None,
+                    dst_verify_peer: bool = True) -> AsyncIterator[Pair]:
     src_mem = parse_memory_option(memory) if memory else None
     dst_mem_text = dst_memory if dst_memory is not None else memory
     dst_mem = parse_memory_option(dst_mem_text) if dst_mem_text else None
@@ -120,8 +123,11 @@ async def make_pair(tmp_path: Path, devices: list[str],
                             memory=dst_mem,
                             workload=parse_workload_option(dst_workload) if dst_workload
                             else None)
-    src = SourceDaemon(src_vm)
-    dst = DestinationDaemon(dst_vm, incoming="tcp:127.0.0.1:0")
+    src = SourceDaemon(src_vm, tls_objects={"tls0": TlsCreds("tls0", src_tls)}
+                       if src_tls else None)
+    dst = DestinationDaemon(dst_vm, incoming="tcp:127.0.0.1:0",
+                            tls_objects={"tls0": TlsCreds("tls0", dst_tls, dst_verify_peer)}
+                            if dst_tls else None)
     await src.start(Address("unix", path=str(tmp_path / "src.qmp")))
     await dst.start(Address("unix", path=str(tmp_path / "dst.qmp")))
     src_qmp, dst_qmp = QmpClient(), QmpClient()

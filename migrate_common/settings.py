@@ -37,7 +37,7 @@ PARAMETER_DEFAULTS: dict[str, Any] = {
     "downtime-limit": 300,            # ms
     "max-bandwidth": 128 * 1024 * 1024,  # bytes/s, live phase only
     "x-connect-timeout": 10_000,      # ms: connecting, handshakes, waiting for channels
-    "x-switchover-timeout": 120_000,  # ms: from VM stop until the destination's SHUT
+    "x-switchover-timeout": 120_000,  # ms: from the devices' quiesce to the destination's SHUT
     "x-channel-stall-timeout": 30_000,  # ms: a channel that accepts no byte at all
     "tls-creds": "",                  # id of a --object tls-creds-x509; "" = no TLS
     "tls-hostname": "",               # name the destination's certificate must carry

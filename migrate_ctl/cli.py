@@ -24,7 +24,9 @@ import sys
 from typing import Any
 
 from migrate_common.qmp_client import QmpClient, QmpCommandError, QmpConnectionError
-from migrate_ctl.progress import summary_lines, watch
+from migrate_ctl.progress import human_bytes, summary_lines, watch
+from protocol.errors import ConfigError
+from vm.properties import parse_size
 
 DEFAULT_QMP = os.environ.get("MIGRATE_QMP", "unix:/tmp/migrate-src.qmp")
 
@@ -136,7 +138,10 @@ async def _run(args: argparse.Namespace) -> int:
                 {"capability": args.name, "state": args.state == "on"}]})
             return 0
         if cmd == "set-parameter":
-            await client.execute("migrate-set-parameters", {args.name: _parse_value(args.value)})
+            value = _parse_value(args.value)
+            if args.name == "max-bandwidth" and isinstance(value, str):
+                value = parse_size(value)  # "1G" as on the daemons' command line
+            await client.execute("migrate-set-parameters", {args.name: value})
             return 0
         if cmd == "capabilities":
             caps = await client.execute("query-migrate-capabilities")
@@ -152,6 +157,10 @@ async def _run(args: argparse.Namespace) -> int:
             for d in result["devices"]:
                 print(f"{d['id']:<12} {d['size-text']:>6}  {d['device-state']:<12} "
                       f"{d['digest'] or '(no complete state)'}")
+            if "ram" in result:
+                ram = result["ram"]
+                print(f"{'guest RAM':<12} {human_bytes(ram['size']):>6}  {'':<12} "
+                      f"{ram['digest']}")
             return 0
         if cmd in ("qom-get", "qom-set"):
             path = f"/machine/peripheral/{args.device}"
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except QmpCommandError as exc:
         print(f"error: {exc.desc}", file=sys.stderr)
         return 1
-    except (QmpConnectionError, ValueError) as exc:
+    except (QmpConnectionError, ValueError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

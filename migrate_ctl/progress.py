@@ -82,12 +82,14 @@ async def watch(client: QmpClient, out: TextIO = sys.stdout, interval: float = 0
     rate: float | None = None
     last_printed = 0.0
     bar = Bar()
+    first = True  # a watch started mid-migration has no rate until its second sample
     while True:
         info = await client.execute("query-migrate")
         now = time.monotonic()
         sent = info.get("ram", {}).get("transferred", 0)
-        if now > last_t:
+        if now > last_t and not first:
             rate = (sent - last_sent) / (now - last_t)
+        first = False
         last_sent, last_t = sent, now
         status = info.get("status", "none")
         if tty:
@@ -146,7 +148,9 @@ def summary_lines(info: dict[str, Any], verified: bool | None = None) -> list[st
             f"{d['id']} ({d['mode']}, {human_bytes(d.get('transferred', d.get('loaded', 0)))})"
             for d in devices))
     if checkpoints:
-        lines.append("downtime breakdown (ms from VM stop): " + ", ".join(
+        origin = ("SWITCHOVER_START" if "socket-address" in info  # a destination's view
+                  else "VM stop")
+        lines.append(f"downtime breakdown (ms from {origin}): " + ", ".join(
             f"{k} {v:.1f}" for k, v in checkpoints.items()))
     dst = info.get("x-destination-checkpoints", {})
     if dst:

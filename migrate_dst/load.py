@@ -28,7 +28,7 @@ from migrate_dst.reassembly import Reassembly
 from migrate_common.funnel import Funnel
 from protocol.control import VfioRecord
 from protocol.errors import DeviceError, SequenceError
-from protocol.vfio import VfioMigFlag, VfioStatePacketHeader, decode_config_blob
+from protocol.vfio import VfioMigFlag, decode_config_blob, decode_state_packet
 from vm.vfio_sim import DeviceState, VfioSimDevice
 
 __all__ = ["VfioLoadHandler", "SectionKind"]
@@ -95,6 +95,9 @@ class VfioLoadHandler:
             if kind is not SectionKind.START:
                 raise SequenceError(f"device {dev}: SETUP marker outside the START section")
             return False
+        if marker in (VfioMigFlag.DEV_DATA_STATE, VfioMigFlag.DEV_CONFIG_STATE) and \
+                not payload:
+            raise SequenceError(f"device {dev}: {marker.name} record without data")
         if marker is VfioMigFlag.DEV_DATA_STATE:
             assert payload is not None
             if self.multifd_transfer and kind is not SectionKind.PART:
@@ -135,8 +138,7 @@ class VfioLoadHandler:
         if self.reassembly is None:
             raise SequenceError(f"device {self.device.id}: got device state packet but not "
                                 "doing multifd transfer")
-        header = VfioStatePacketHeader.decode(payload)
-        data = payload[12:]
+        header, data = decode_state_packet(payload)
         self.reassembly.put(header.idx, header.is_config, data, release)
 
     async def switchover_start(self) -> None:

@@ -342,7 +342,12 @@ class IncomingMigration:
 
     async def _main_loop(self) -> None:
         messages = self._messages()
-        first, _ = await anext(messages)
+        try:
+            async with asyncio.timeout(self._timeout()):
+                first, _ = await anext(messages)
+        except TimeoutError:
+            raise ChannelError(f"the main channel sent no hello within {self._timeout():g} s "
+                               "(x-connect-timeout)", channel="main") from None
         if not isinstance(first, Hello):
             raise SequenceError(f"main channel must start with hello, got "
                                 f"{type(first).__name__}")

@@ -82,7 +82,10 @@ class RamLoadHandler:
         self.packets = 0
 
     async def load_setup(self) -> None:
-        self.ram.reset_received()
+        # "received" must keep meaning "may hold data": a failed attempt can have left
+        # pages behind, and a zero page sent now must overwrite them, so it is never
+        # reset between attempts
+        return
 
     def check_setup(self, setup: RamSetup) -> None:
         mine = {b.name: b.used_length for b in self.ram.blocks.values()}

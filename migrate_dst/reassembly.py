@@ -10,8 +10,8 @@ Every ``put`` is checked before anything is kept: duplicates and already-loaded
 indexes, data after the config packet, a second config packet, and three bounds —
 the count cap (``x-migration-max-queued-buffers``), the byte cap
 (``x-migration-max-queued-buffers-size``, payload bytes queued but not yet written),
-and the device's own capacity (no device can take more stop-copy bytes than its
-state size), which bounds memory even when both caps are unlimited.
+and the device's own capacity (no device takes more data than its pre-copy plus
+stop-copy size), which bounds memory even when both caps are unlimited.
 """
 
 from __future__ import annotations

@@ -575,8 +575,8 @@ class OutgoingMigration:
         if self.dst_checkpoints:
             info["x-destination-checkpoints"] = dict(self.dst_checkpoints)
         if status is S.COMPLETED:
-            info["x-digests-verified"] = bool(self.dst_digests) or not self.settings.cap(
-                "return-path")
+            # only a return path brings the destination's digests back to compare
+            info["x-digests-verified"] = bool(self.dst_digests)
         if self.error_desc is not None and status in (S.FAILED, S.FAILING):
             info["error-desc"] = self.error_desc
         elif status is S.FAILING and self.funnel.error is not None:

@@ -24,9 +24,12 @@ from protocol.control import (
     CommandType,
     Eof,
     HelloReply,
+    SectionPart,
     Shut,
+    VfioRecord,
     encode_preamble,
 )
+from protocol.vfio import VfioMigFlag
 from protocol.multifd import ChannelInit, DeviceStateHeader
 from tests.fakesource import FakeSource, device_packets, packet_bytes, shuffled_schedule
 from vm.properties import parse_device_option
@@ -217,6 +220,27 @@ async def data_after_config(addr: Address) -> None:
         fake.close()
 
 
+async def data_record_without_data(addr: Address) -> None:
+    fake = await fake_after_hello(addr)
+    try:
+        await fake.send(SectionPart(1))
+        await fake.send(VfioRecord(VfioMigFlag.DEV_DATA_STATE))
+        await fake.receive(timeout=10)
+    finally:
+        fake.close()
+
+
+async def no_hello(addr: Address) -> None:
+    fake = FakeSource(addr, channels=CHANNELS)
+    await fake.connect_all()
+    await asyncio.sleep(1.5)             # all channels there, but never a hello
+    fake.close()
+
+
+def oversized_vfio_chunk() -> bytes:
+    return device_packet(0, b"z" * ((1 << 20) + 1))
+
+
 CASES: dict[str, tuple[Case, str]] = {
     "bad-magic": (bad_magic, "unknown channel magic"),
     "qemu-main-stream": (qemu_main_stream, "QEVM"),
@@ -242,6 +266,9 @@ CASES: dict[str, tuple[Case, str]] = {
     "garbage-msgpack": (garbage_msgpack, "msgpack"),
     "oversized-msgpack": (oversized_msgpack, "length 4294967280 outside 1..1048576"),
     "data-after-config": (data_after_config, "after the config packet"),
+    "data-record-without-data": (data_record_without_data, "without data"),
+    "no-hello": (no_hello, "sent no hello"),
+    "vfio-chunk-over-1MiB": (during_switchover((0, oversized_vfio_chunk())), "1048576"),
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 from migrate_ctl.pair import DaemonPair
 from migrate_ctl.progress import summary_lines, watch
@@ -21,8 +21,8 @@ from vm.machine import DEFAULT_DEVICE_OPTIONS, DEFAULT_MEMORY_OPTION, DEFAULT_WO
 
 
 async def migrate_once(pair: DaemonPair, *, multifd: bool, channels: int,
-                       timeout: float,
-                       parameters: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
+                       timeout: float, parameters: dict[str, Any] | None = None,
+                       out: TextIO | None = None) -> tuple[dict[str, Any], bool]:
     """Configure both sides, migrate, wait; returns (source info, digests match)."""
     assert pair.src is not None and pair.dst is not None
     caps = [{"capability": "multifd", "state": multifd},
@@ -34,7 +34,7 @@ async def migrate_once(pair: DaemonPair, *, multifd: bool, channels: int,
                              {"multifd-channels": channels, **(parameters or {})})
     uri = await pair.destination_uri()
     await pair.src.execute("migrate", {"uri": uri})
-    info = await watch(pair.src.client, timeout=timeout)
+    info = await watch(pair.src.client, out=out or sys.stdout, timeout=timeout)
     src_digest = await pair.src.execute("x-query-state-digest")
     dst_digest = await pair.dst.execute("x-query-state-digest")
     src_map = {d["id"]: d["digest"] for d in src_digest["devices"]}

@@ -18,7 +18,8 @@ operator *who* got it wrong:
  └── ``VerificationError``            a digest did not match after loading
 
 Every class carries a short stable ``code`` string that crosses the wire in a
-``shut`` message and shows up in ``query-migrate``'s ``error-desc``.  None of these
+``shut`` message next to the human-readable text that ``query-migrate`` shows as
+``error-desc``.  None of these
 ever wraps ``asyncio.CancelledError``: cancellation is not an error.
 """
 

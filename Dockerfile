@@ -10,6 +10,10 @@
 #   docker build --build-arg BASE_IMAGE=local/python:3.11 \
 #                --build-arg PIP_OPTIONS="--no-index --find-links /wheels" .
 #
+# scripts/make-base-image.sh makes such a base (multifd-migrate-base:bookworm, Debian
+# bookworm's python3.11 in /opt/venv); scripts/compose-e2e.sh builds the wheelhouse on
+# the host, runs this build with --network none and then compose.yaml end to end.
+#
 # The image has no ENTRYPOINT: the command is the program to run.  Without one it
 # prints the help of the three programs.
 #

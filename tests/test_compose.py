@@ -1,10 +1,15 @@
 """``compose.yaml`` and the ``Dockerfile``: a valid Compose file whose commands really work.
 
-No container engine is needed: the file is validated against the official Compose
-Specification schema (``tests/data/compose-spec.json``), its commands are parsed by
-the daemons' own argument parsers, and the e2e test runs those very commands as local
-processes (sockets and port moved to a temporary directory and loopback) and migrates
-with the ``migrate-ctl`` one-liner documented at the top of the file.
+Most of this needs no container engine: the file is validated against the official
+Compose Specification schema (``tests/data/compose-spec.json``), its commands are
+parsed by the daemons' own argument parsers, and an e2e test runs those very commands
+as local processes (sockets and port moved to a temporary directory and loopback) and
+migrates with the ``migrate-ctl`` one-liner documented at the top of the file.
+
+The last test runs the real thing, ``scripts/compose-e2e.sh``: a docker engine,
+images built offline, ``docker-compose up``, the documented one-liners through
+``docker-compose exec``, and a destination stopped mid-migration.  It needs root and
+runs in CI (``CI=true``) or when ``MIGRATE_COMPOSE_TEST=1``; otherwise it is skipped.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import asyncio
 import copy
 import json
 import re
+import os
 import shlex
+import signal
+import subprocess
 import sys
 import tomllib
 import uuid
@@ -325,6 +333,8 @@ def test_src_starts_once_dst_is_healthy() -> None:
 def test_services_share_the_migration_network() -> None:
     compose = load_compose()
     assert compose["networks"]["migration"]["driver"] == "bridge"
+    # container to container only: no route off the machine
+    assert compose["networks"]["migration"].get("internal") is True
     for name, service in compose["services"].items():
         nets = service["networks"]
         assert "migration" in (nets if isinstance(nets, list) else list(nets)), name
@@ -473,3 +483,62 @@ async def test_compose_commands_migrate_for_real(tmp_path: Path) -> None:
     finally:
         for daemon in daemons.values():
             await daemon.stop()
+
+
+# -- the real containers ------------------------------------------------------------------
+
+COMPOSE_E2E = ROOT / "scripts" / "compose-e2e.sh"
+#: cold (apt-get install of the engine, debootstrap of the base image): about 2 min here
+COMPOSE_E2E_TIMEOUT = float(os.environ.get("MIGRATE_COMPOSE_TIMEOUT", "1500"))
+
+
+def compose_e2e_skip_reason() -> str | None:
+    how = (f"run it with: sudo bash {COMPOSE_E2E.relative_to(ROOT)}  "
+           "(or MIGRATE_COMPOSE_TEST=1 python3 dev.py test -k compose_scenario, as root)")
+    wanted = os.environ.get("MIGRATE_COMPOSE_TEST")
+    if wanted == "0":
+        return f"docker compose scenario disabled by MIGRATE_COMPOSE_TEST=0; {how}"
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return f"docker compose scenario needs root on Linux (it starts dockerd); {how}"
+    if wanted != "1" and os.environ.get("CI") != "true":
+        return ("docker compose scenario runs in CI (CI=true) or with MIGRATE_COMPOSE_TEST=1 "
+                f"(it installs and starts a docker engine); {how}")
+    return None
+
+
+@pytest.mark.e2e
+def test_compose_scenario_in_real_containers(tmp_path: Path) -> None:
+    """``scripts/compose-e2e.sh``: compose.yaml in a real engine, migration from
+    outside, digests through both QMP sockets, then the destination stopped
+    mid-migration and a second migration to a new destination."""
+    reason = compose_e2e_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    log = tmp_path / "compose-e2e.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["bash", str(COMPOSE_E2E)], cwd=ROOT,
+                                stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc: int | None = proc.wait(timeout=COMPOSE_E2E_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # as Ctrl-C would: the script's trap tears the containers and engine down
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = None
+    text = log.read_text(errors="replace")
+    print(text)  # pytest shows it when the test fails
+    tail = "\n".join(text.splitlines()[-80:])
+    assert rc is not None, f"compose-e2e.sh still running after {COMPOSE_E2E_TIMEOUT:g} s:\n{tail}"
+    assert rc == 0, f"compose-e2e.sh exited {rc}:\n{tail}"
+    assert "compose-e2e: PASSED" in text, tail
+    # what the scenario saw, from its own output
+    assert len(re.findall(r"^\s*\| status:\s+completed$", text, re.MULTILINE)) == 2, tail
+    assert text.count("device digests equal on src and dst, destination running") == 2, tail
+    assert re.search(r"source: status failed, error-desc: \S", text), tail
+    assert re.search(r'source query-status: \{.*"running":true', text), tail
+    assert "(the dst container, not loopback)" in text, tail

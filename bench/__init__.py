@@ -1,0 +1,1 @@
+"""Benchmark harness for multifd-migrate: ``python bench/run.py --help``."""

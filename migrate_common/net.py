@@ -260,6 +260,9 @@ async def _ssl_send_all(sock: ssl.SSLSocket, views: list[memoryview],
         while view:
             try:
                 sent = sock.send(view)
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+                raise ChannelError(f"{what}: TLS connection closed by the peer ({exc})",
+                                   channel=what) from None
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
                 wait = (_wait_writable(loop, sock) if isinstance(exc, ssl.SSLWantWriteError)
                         else _wait_readable(loop, sock))

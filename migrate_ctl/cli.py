@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("set-parameter", help="migrate-set-parameters NAME VALUE")
     sp.add_argument("name")
     sp.add_argument("value")
-    sub.add_parser("capabilities", help="query-migrate-capabilities (enabled ones)")
+    sub.add_parser("capabilities", help="query-migrate-capabilities (all, on or off)")
     sub.add_parser("parameters", help="query-migrate-parameters")
     sub.add_parser("digest", help="x-query-state-digest: per-device state digests")
     qg = sub.add_parser("qom-get", help="read a device property")

@@ -279,7 +279,9 @@ class IncomingMigration:
         try:
             async with asyncio.timeout(linger):
                 await self._send_rp(shut)
-                sock.shutdown(socket.SHUT_WR)
+                if not isinstance(sock, ssl.SSLSocket):
+                    # (on an SSLSocket, shutdown() would drop the TLS layer instead)
+                    sock.shutdown(socket.SHUT_WR)
                 scratch = memoryview(bytearray(64 * 1024))
                 while await recv_into(sock, scratch):
                     pass

@@ -26,6 +26,8 @@ __all__ = [
     "recv_into",
     "tune_socket",
     "address_info",
+    "wait_readable",
+    "wait_writable",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -166,7 +168,7 @@ def address_info(sock: socket.socket, addr: Address) -> dict[str, str]:
     return {"type": "inet", "host": str(host), "port": str(port)}
 
 
-async def _wait_writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+async def wait_writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     fut = loop.create_future()
 
     def ready() -> None:
@@ -199,11 +201,11 @@ async def sendmsg_all(sock: socket.socket, buffers: Sequence[Buffer],
             sent = sock.sendmsg(views)
         except (BlockingIOError, InterruptedError):
             if stall_timeout is None:
-                await _wait_writable(loop, sock)
+                await wait_writable(loop, sock)
                 continue
             try:
                 async with asyncio.timeout(stall_timeout):
-                    await _wait_writable(loop, sock)
+                    await wait_writable(loop, sock)
             except TimeoutError:
                 raise ChannelError(f"{what}: the peer accepted no data for {stall_timeout:g} s "
                                    "(x-channel-stall-timeout)", channel=what) from None
@@ -219,7 +221,7 @@ async def sendmsg_all(sock: socket.socket, buffers: Sequence[Buffer],
     return total
 
 
-async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+async def wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     fut = loop.create_future()
 
     def ready() -> None:
@@ -243,9 +245,9 @@ async def recv_into(sock: socket.socket, view: memoryview) -> int:
         try:
             return sock.recv_into(view)
         except ssl.SSLWantReadError:
-            await _wait_readable(loop, sock)
+            await wait_readable(loop, sock)
         except ssl.SSLWantWriteError:
-            await _wait_writable(loop, sock)
+            await wait_writable(loop, sock)
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             # close_notify, or a peer that closed without one: the decoders decide
             # whether the stream ended at a boundary or was cut short
@@ -264,8 +266,8 @@ async def _ssl_send_all(sock: ssl.SSLSocket, views: list[memoryview],
                 raise ChannelError(f"{what}: TLS connection closed by the peer ({exc})",
                                    channel=what) from None
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
-                wait = (_wait_writable(loop, sock) if isinstance(exc, ssl.SSLWantWriteError)
-                        else _wait_readable(loop, sock))
+                wait = (wait_writable(loop, sock) if isinstance(exc, ssl.SSLWantWriteError)
+                        else wait_readable(loop, sock))
                 try:
                     async with asyncio.timeout(stall_timeout):
                         await wait

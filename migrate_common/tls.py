@@ -24,6 +24,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from migrate_common.net import wait_readable, wait_writable
 from protocol.errors import ChannelError, ConfigError
 
 __all__ = ["TlsCreds", "parse_tls_object", "client_context", "server_context", "handshake"]
@@ -99,21 +100,6 @@ def server_context(creds: TlsCreds) -> ssl.SSLContext:
     return ctx
 
 
-async def _wait(loop: asyncio.AbstractEventLoop, sock: socket.socket, write: bool) -> None:
-    fut = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    fd = sock.fileno()
-    (loop.add_writer if write else loop.add_reader)(fd, ready)
-    try:
-        await fut
-    finally:
-        (loop.remove_writer if write else loop.remove_reader)(fd)
-
-
 async def handshake(sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool,
                     server_hostname: str | None, timeout: float,
                     what: str) -> ssl.SSLSocket:
@@ -128,9 +114,9 @@ async def handshake(sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bo
                     tls.do_handshake()
                     return tls
                 except ssl.SSLWantReadError:
-                    await _wait(loop, tls, write=False)
+                    await wait_readable(loop, tls)
                 except ssl.SSLWantWriteError:
-                    await _wait(loop, tls, write=True)
+                    await wait_writable(loop, tls)
     except TimeoutError:
         tls.close()
         raise ChannelError(f"{what}: TLS handshake did not finish within {timeout:g} s",

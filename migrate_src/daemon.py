@@ -111,14 +111,7 @@ class SourceDaemon(DaemonBase):
         if self.status.in_progress:
             raise QmpError("cannot resume the VM while a migration is in progress")
         if self.vm.run_state is not RunState.RUNNING:
-            for device in self.vm.devices.values():
-                if device.state is DeviceState.ERROR:
-                    device.reset()
-                elif device.state is not DeviceState.RUNNING:
-                    await device.set_state(DeviceState.RUNNING)
-            self.vm.set_run_state(RunState.RUNNING)
-            if self.vm.workload is not None:
-                self.vm.workload.resume()
+            await self.vm.resume()
         return {}
 
     async def shutdown(self) -> None:

@@ -73,7 +73,6 @@ from protocol.errors import (
     VerificationError,
 )
 from vm.machine import RunState, VirtualMachine
-from vm.vfio_sim import DeviceState
 
 __all__ = ["OutgoingMigration"]
 
@@ -225,23 +224,11 @@ class OutgoingMigration:
                 pass
 
     async def _resume_vm(self) -> None:
-        for handler in self.handlers:
-            device = handler.device
-            if device.state is DeviceState.ERROR:
-                device.reset()
-            elif device.state is not DeviceState.RUNNING:
-                await device.set_state(DeviceState.RUNNING)
-        for device in self.vm.devices.values():  # devices that never got a handler
-            if device.state is DeviceState.ERROR:
-                device.reset()
         if self._ram_digest is not None and not self._ram_digest.done():
             self._ram_digest.cancel()
         if self.ram_handler is not None:
             self.ram_handler.ram.stop_dirty_tracking()
-        if self.vm.run_state is not RunState.RUNNING:
-            self.vm.set_run_state(RunState.RUNNING)
-        if self.vm.workload is not None:
-            self.vm.workload.resume()
+        await self.vm.resume()
 
     # -- the migration itself -----------------------------------------------------------
     async def _migrate(self) -> None:

@@ -206,6 +206,22 @@ class VirtualMachine:
         """``query-status``'s ``running`` field."""
         return self._run_state is RunState.RUNNING
 
+    async def resume(self) -> None:
+        """Run the guest again: every device back to RUNNING (reset from ERROR), the
+        run state ``running``, the workload writing.  Used by ``cont`` and after a
+        failed or cancelled migration."""
+        from vm.vfio_sim import DeviceState
+
+        for device in self.devices.values():
+            if device.state is DeviceState.ERROR:
+                device.reset()
+            elif device.state is not DeviceState.RUNNING:
+                await device.set_state(DeviceState.RUNNING)
+        if self.run_state is not RunState.RUNNING:
+            self.set_run_state(RunState.RUNNING)
+        if self.workload is not None:
+            self.workload.resume()
+
     def set_run_state(self, new: RunState) -> None:
         """Change the run state; same-state is a no-op (as in QEMU), illegal changes
         raise :class:`StateError`."""

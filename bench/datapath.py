@@ -112,9 +112,18 @@ async def _recv_loop(socks: list[socket.socket], packet: int) -> int:
 
 
 # -- processes ---------------------------------------------------------------------------
+BUFSIZE = 0  # SO_SNDBUF / SO_RCVBUF of every stream; 0 = the kernel's autotuning
+
+
+def _size_buffers(sock: socket.socket, option: int) -> None:
+    if BUFSIZE:
+        sock.setsockopt(socket.SOL_SOCKET, option, BUFSIZE)
+
+
 def _receiver(mode: str, port_q: mp.Queue, result_q: mp.Queue, streams: int,
               packet: int) -> None:
     lsock = socket.socket()
+    _size_buffers(lsock, socket.SO_RCVBUF)
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(streams)
     port_q.put(lsock.getsockname()[1])
@@ -142,6 +151,7 @@ def _sender(mode: str, port: int, streams: int, size: int, packet: int) -> None:
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
     for s in socks:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _size_buffers(s, socket.SO_SNDBUF)
     payload = memoryview(bytearray(b"\x5a" * packet))
     shares = _shares(size, streams, packet)
     if mode == "threads":
@@ -181,7 +191,11 @@ def main() -> None:
     parser.add_argument("--packet", default="1M")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["loop", "threads"])
+    parser.add_argument("--bufsize", default="0",
+                        help="SO_SNDBUF/SO_RCVBUF of every stream (0: kernel autotuning)")
     args = parser.parse_args()
+    global BUFSIZE
+    BUFSIZE = parse_size(args.bufsize)
     size, packet = parse_size(args.size), parse_size(args.packet)
     print(f"{'streams':>7} " + " ".join(f"{m:>16}" for m in args.modes) + "   (GB/s, median)")
     for streams in args.streams:

@@ -1,22 +1,26 @@
-"""Receive tasks: one per multifd channel (wire → receive task → reassembly).
+"""Receive channels: one per multifd channel (wire → receive thread → reassembly).
 
-Each task owns its socket and a sans-I/O :class:`~protocol.channel.ChannelDecoder`:
-it receives straight into the buffer the decoder asks for — for a device-state
-payload that is a pooled buffer, so the bytes are never copied before the load task
-writes them into the device — and hands every complete packet to its owner's
-``load_state_buffer``.  ``BufferPool`` recycles payload buffers so steady-state
-receiving allocates nothing.
+Each channel has a thread that owns its socket and a sans-I/O
+:class:`~protocol.channel.ChannelDecoder`: it receives straight into the buffer the
+decoder asks for — for a device-state payload that is a pooled buffer, so the bytes
+are never copied before the load task writes them into the device — and passes every
+complete packet to the channel's task on the event loop, which hands it to its
+owner's ``load_state_buffer`` (device state) or applies it (RAM).  The thread runs at
+most ``AHEAD`` packets ahead of the task, so a slow consumer stops the reading and
+TCP flow control stops the sender: memory per channel stays bounded.
+``BufferPool`` recycles payload buffers so steady-state receiving allocates nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from migrate_common.log import TRACE
-from migrate_common.net import recv_into
+from migrate_common.threadio import Stopped, Stopper, recv_into
 from protocol.channel import (
     ChannelClosed,
     ChannelDecoder,
@@ -38,9 +42,13 @@ class BufferPool:
         self.allocated = 0
 
     def take(self, size: int) -> bytearray:
+        # called from the channel threads: list.pop is atomic, a lost race is a miss
         free = self._free.get(size)
         if free:
-            return free.pop()
+            try:
+                return free.pop()
+            except IndexError:
+                pass
         self.allocated += 1
         return bytearray(size)  # zero-filled, so already faulted in
 
@@ -52,6 +60,10 @@ class BufferPool:
     def clear(self) -> None:
         self._free.clear()
 
+
+#: Packets a receive thread may decode before the channel task has applied the
+#: earlier ones (besides the one it is receiving into).
+AHEAD = 1
 
 DeviceLookup = Callable[[str, int], Any]
 
@@ -83,35 +95,79 @@ class ReceiveChannel:
         self.bytes = 0
         self.packets = 0
         self.closed = False
+        self._stopper = Stopper()
+        self._credits = threading.Semaphore(AHEAD)
+        self._thread: threading.Thread | None = None
 
     def allocate(self, size: int) -> memoryview:
         return memoryview(self.pool.take(size))
 
     async def run(self) -> None:
-        decoder = self.decoder
+        """Start the receive thread and apply what it delivers, in order, until the
+        channel closes cleanly; stop the thread when cancelled."""
+        loop = asyncio.get_running_loop()
+        delivered: asyncio.Queue[Any] = asyncio.Queue()
+        self._thread = threading.Thread(target=self._receive_thread,
+                                         args=(loop, delivered),
+                                         name=f"multifd-recv-{self.id}", daemon=True)
+        self._thread.start()
         try:
-            name = f"multifd-{self.id}"
+            while True:
+                event = await delivered.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, DeviceStateReceived):
+                    self._on_device_state(event)
+                elif isinstance(event, RamPacketReceived):
+                    await self._on_ram(event)
+                elif isinstance(event, ChannelClosed):
+                    self.closed = True
+                    return
+                else:
+                    raise SequenceError(f"multifd channel {self.id}: unexpected "
+                                        f"{type(event).__name__}")
+                self._credits.release()
+        finally:
+            self._stop_thread()
+
+    def _receive_thread(self, loop: asyncio.AbstractEventLoop,
+                        delivered: asyncio.Queue[Any]) -> None:
+        decoder = self.decoder
+        name = f"multifd-{self.id}"
+        stopper = self._stopper
+        try:
             while True:
                 view = decoder.buffer()
-                n = await recv_into(self.sock, view)
+                try:
+                    n = recv_into(self.sock, view, stopper)
+                except OSError as exc:
+                    raise ChannelError(f"multifd channel {self.id}: receive failed: "
+                                       f"{exc.strerror or exc}", channel=str(self.id)) from exc
                 self.bytes += n
                 if self.recorder is not None and n:
                     self.recorder.record(name, view[:n])
-                events = decoder.eof() if n == 0 else decoder.advance(n)
-                for event in events:
-                    if isinstance(event, DeviceStateReceived):
-                        self._on_device_state(event)
-                    elif isinstance(event, ChannelClosed):
-                        self.closed = True
+                for event in decoder.eof() if n == 0 else decoder.advance(n):
+                    self._credits.acquire()
+                    if stopper.stopped:
                         return
-                    elif isinstance(event, RamPacketReceived):
-                        await self._on_ram(event)
-                    else:
-                        raise SequenceError(f"multifd channel {self.id}: unexpected "
-                                            f"{type(event).__name__}")
-        except OSError as exc:
-            raise ChannelError(f"multifd channel {self.id}: receive failed: "
-                               f"{exc.strerror or exc}", channel=str(self.id)) from exc
+                    loop.call_soon_threadsafe(delivered.put_nowait, event)
+                    if isinstance(event, ChannelClosed):
+                        return
+        except Stopped:
+            return
+        except BaseException as exc:  # raised by the channel task, into the funnel
+            try:
+                loop.call_soon_threadsafe(delivered.put_nowait, exc)
+            except RuntimeError:  # the loop is gone
+                pass
+
+    def _stop_thread(self) -> None:
+        self._stopper.stop()
+        for _ in range(AHEAD + 1):
+            self._credits.release()
+        if self._thread is not None:
+            # polling threads wake on the stopper; one in a non-blocking call ends soon
+            self._thread.join(timeout=5)
 
     def _on_device_state(self, event: DeviceStateReceived) -> None:
         header = event.header
@@ -154,6 +210,8 @@ class ReceiveChannel:
                 self.pool.give(buf)
 
     def close(self) -> None:
+        self._stop_thread()
+        self._stopper.close()
         try:
             self.sock.close()
         except OSError:

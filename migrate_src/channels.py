@@ -3,17 +3,20 @@
 ``MainChannel`` writes control messages (and the raw bytes that follow a data record)
 in order, and reads the return path on the same socket in a task of its own.
 
-``MultifdSender`` owns the N multifd sockets, one send task each.  As in QEMU, a
-caller with a packet waits for an idle channel (a counting semaphore of idle
-channels), picks the first idle one round-robin after the last one used, and hands
-the packet over; the channel task writes header and payload views with one
-``sendmsg`` and becomes idle again.  RAM and device state share these channels.
+``MultifdSender`` owns the N multifd sockets, one send thread each.  As in QEMU, a
+caller with a packet waits for a channel with room (a counting semaphore of queue
+places), picks the first idle one round-robin after the last one used, and hands
+the packet over; the channel's thread builds it and writes header and payload views
+with one ``sendmsg``.  RAM and device state share these channels.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import queue
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from typing import Any
 from migrate_common.funnel import Funnel
 from migrate_common.log import TRACE
 from migrate_common.net import Buffer, recv_into, sendmsg_all
+from migrate_common.threadio import Stopped, Stopper, send_all, size_buffers
 from protocol.control import (
     ControlDecoder,
     ControlMessage,
@@ -120,12 +124,20 @@ class MainChannel:
 
 
 class Job:
-    """One unit of work for a multifd channel; ``build`` runs in the channel task."""
+    """One unit of work for a multifd channel.
+
+    ``build`` runs in the channel's thread, just before the send (so zero-page
+    detection and compression run beside the event loop and the other channels);
+    ``sent`` runs on the event loop once the bytes are in the socket.
+    """
 
     kind = "job"
 
-    async def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
+    def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
         raise NotImplementedError
+
+    def sent(self, sender: MultifdSender) -> None:
+        return None
 
 
 class DeviceStateJob(Job):
@@ -137,27 +149,28 @@ class DeviceStateJob(Job):
     def __init__(self, parts: Sequence[Buffer]) -> None:
         self.parts = parts
 
-    async def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
+    def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
         return self.parts
 
 
 class RamJob(Job):
     """Up to ``page_count`` pages of one RAM block.
 
-    Zero-page detection runs here, in the channel task (QEMU's
+    Zero-page detection runs here, in the channel's thread (QEMU's
     ``zero-page-detection=multifd``): the batch is split into normal pages, whose
     data is sent, and zero pages, of which only the offsets travel.
     """
 
     kind = "ram"
-    __slots__ = ("block", "pages", "detect_zero")
+    __slots__ = ("block", "pages", "detect_zero", "normal", "zero")
 
     def __init__(self, block: RamBlock, pages: list[int], detect_zero: bool) -> None:
         self.block = block
         self.pages = pages
         self.detect_zero = detect_zero
+        self.normal = self.zero = 0
 
-    async def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
+    def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
         block = self.block
         size = block.page_size
         view = block.view
@@ -172,9 +185,8 @@ class RamJob(Job):
         compressor = chan.compressor
         pages_data: list[Buffer] = []
         if compressor is not None and normal:
-            # the channel's stream runs on across packets; compress off the event loop
-            payload = await asyncio.to_thread(
-                compressor.compress, [view[o:o + size] for o in normal])
+            # the channel's stream runs on across packets
+            payload = compressor.compress([view[o:o + size] for o in normal])
             pages_data = [payload]
             payload_size = len(payload)
         else:
@@ -185,8 +197,7 @@ class RamJob(Job):
                            packet_num=sender.next_packet_num(), zero_pages=len(zero),
                            ramblock=block.name, offsets=tuple(normal + zero))
         parts: list[Buffer] = [packet.encode(sender.page_count)]
-        sender.ram_normal_pages += len(normal)
-        sender.ram_zero_pages += len(zero)
+        self.normal, self.zero = len(normal), len(zero)
         if pages_data or compressor is not None:
             return parts + pages_data
         # contiguous normal pages leave as one view
@@ -202,14 +213,23 @@ class RamJob(Job):
             parts.append(view[run_start:run_end])
         return parts
 
+    def sent(self, sender: MultifdSender) -> None:
+        sender.ram_normal_pages += self.normal
+        sender.ram_zero_pages += self.zero
+
 
 class SyncJob(Job):
     """QEMU's SYNC packet: empty, flags ``SYNC``, after all earlier packets."""
 
     kind = "sync"
 
-    async def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
+    def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
         return [RamPacket.sync_packet(sender.next_packet_num()).encode(sender.page_count)]
+
+
+#: Jobs queued per channel: the next packet waits in the channel's queue while the
+#: current one is being sent, so the socket never idles for a trip through the loop.
+QUEUE_DEPTH = 2
 
 
 @dataclass
@@ -217,32 +237,46 @@ class _SendChannel:
     id: int
     sock: socket.socket
     stats: ChannelStats
-    job: Job | None = None
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    busy_time: float = 0.0
     compressor: PacketCompressor | None = None
+    jobs: queue.SimpleQueue[Job | None] = field(default_factory=queue.SimpleQueue)
+    stopper: Stopper = field(default_factory=Stopper)
+    queued: int = 0
+    busy_time: float = 0.0
+    thread: threading.Thread | None = None
 
 
 class MultifdSender:
-    """N multifd channels shared by RAM and device-state packets."""
+    """N multifd channels shared by RAM and device-state packets.
+
+    Every channel has a thread that builds and sends its jobs in order, with the
+    socket non-blocking and polled (see :mod:`migrate_common.threadio`).  The event
+    loop only picks channels and counts: ``_slots`` counts free queue places over all
+    channels, and a finished job gives its place back through
+    ``call_soon_threadsafe``.  A channel task per channel waits for its thread's
+    failure, so errors reach the migration's funnel like any task's.
+    """
 
     def __init__(self, socks: list[socket.socket], vm_uuid: bytes, funnel: Funnel,
                  log: Any, page_size: int = 4096, compression: str = "none",
-                 level: int = 1, stall_timeout: float | None = None) -> None:
+                 level: int = 1, stall_timeout: float | None = None,
+                 socket_buffer: int = 0) -> None:
         self.stall_timeout = stall_timeout
         self._channels = [
             _SendChannel(i, s, ChannelStats(str(i)),
                          compressor=PacketCompressor(compression, level)
                          if compression != "none" else None)
             for i, s in enumerate(socks)]
-        self._idle = asyncio.Semaphore(len(socks))
+        for s in socks:
+            size_buffers(s, socket_buffer)
+        self._slots = asyncio.Semaphore(len(socks) * QUEUE_DEPTH)
         self._last = len(socks) - 1
         self._funnel = funnel
         self._log = log
         self._uuid = vm_uuid
+        self._loop = asyncio.get_running_loop()
         self.bytes_sent = 0
         self.page_count = ram_page_count(page_size)
-        self._packet_num = 0
+        self._packet_nums = itertools.count()
         self.ram_normal_pages = 0
         self.ram_zero_pages = 0
         self.syncs = 0
@@ -256,9 +290,8 @@ class MultifdSender:
         return len(self._channels)
 
     def next_packet_num(self) -> int:
-        num = self._packet_num
-        self._packet_num += 1
-        return num
+        # itertools.count is atomic under the GIL: channel threads draw from it
+        return next(self._packet_nums)
 
     def start(self) -> None:
         for chan in self._channels:
@@ -273,68 +306,118 @@ class MultifdSender:
             self.bytes_sent += n
 
     async def submit(self, job: Job | Sequence[Buffer]) -> None:
-        """Hand one job (or ready header + payload views) to the next idle channel."""
+        """Hand one job (or ready header + payload views) to the next channel with room."""
         if not isinstance(job, Job):
             job = DeviceStateJob(job)
-        await self._idle.acquire()
+        await self._slots.acquire()
         n = len(self._channels)
-        for step in range(1, n + 1):
-            chan = self._channels[(self._last + step) % n]
-            if chan.job is None:
-                break
-        else:  # the semaphore guarantees an idle channel
-            raise AssertionError("no idle multifd channel")
+        # first the channel after the last one used that is idle, else one with room
+        for depth in range(1, QUEUE_DEPTH + 1):
+            for step in range(1, n + 1):
+                chan = self._channels[(self._last + step) % n]
+                if chan.queued < depth:
+                    break
+            else:
+                continue
+            break
+        else:  # the semaphore guarantees room somewhere
+            raise AssertionError("no multifd channel with room")
         self._last = chan.id
-        chan.job = job
-        chan.wake.set()
+        self._queue(chan, job)
+
+    def _queue(self, chan: _SendChannel, job: Job) -> None:
+        chan.queued += 1
+        chan.jobs.put(job)
 
     async def sync(self) -> None:
         """QEMU's ``multifd_send_sync_main``: one SYNC packet on every channel, each
         after all the jobs handed to that channel before; returns once all are sent."""
-        n = len(self._channels)
-        for _ in range(n):
-            await self._idle.acquire()
+        total = len(self._channels) * QUEUE_DEPTH
+        for _ in range(total):
+            await self._slots.acquire()
         for chan in self._channels:
-            chan.job = SyncJob()
-            chan.wake.set()
+            self._queue(chan, SyncJob())
+        # the SYNC jobs hold one place per channel until they are sent
+        for _ in range(total - len(self._channels)):
+            self._slots.release()
         await self.drain()
         self.syncs += 1
 
     async def _run(self, chan: _SendChannel) -> None:
-        log = self._log.bind(channel=chan.id)
-        while True:
-            await chan.wake.wait()
-            chan.wake.clear()
-            job = chan.job
-            assert job is not None
-            start = time.perf_counter()
-            parts = await job.build(self, chan)
+        """Start the channel's thread and wait for it to fail; stop it when cancelled."""
+        failed: asyncio.Future[BaseException] = self._loop.create_future()
+        chan.thread = threading.Thread(target=self._thread_main, args=(chan, failed),
+                                       name=f"multifd-send-{chan.id}", daemon=True)
+        chan.thread.start()
+        try:
+            raise await failed
+        finally:
+            self._stop(chan)
+
+    def _stop(self, chan: _SendChannel) -> None:
+        chan.stopper.stop()
+        chan.jobs.put(None)
+        if chan.thread is not None and chan.thread is not threading.current_thread():
+            # the thread is either polling (the stopper wakes it) or in one
+            # non-blocking call: it ends at once, before its socket is closed
+            chan.thread.join(timeout=5)
+
+    def _thread_main(self, chan: _SendChannel, failed: asyncio.Future[BaseException]) -> None:
+        what = f"multifd channel {chan.id}"
+        trace = TRACE.packets
+        try:
+            while True:
+                job = chan.jobs.get()
+                if job is None:
+                    return
+                start = time.perf_counter()
+                parts = job.build(self, chan)
+                try:
+                    n = send_all(chan.sock, parts, chan.stopper, self.stall_timeout, what)
+                except OSError as exc:
+                    raise ChannelError(f"{what}: send failed: {exc.strerror or exc}",
+                                       channel=str(chan.id)) from exc
+                self._loop.call_soon_threadsafe(self._sent, chan, job, n,
+                                                time.perf_counter() - start, trace)
+        except Stopped:
+            return
+        except BaseException as exc:  # handed to the funnel through the channel task
             try:
-                n = await sendmsg_all(chan.sock, parts, self.stall_timeout,
-                                      f"multifd channel {chan.id}")
-            except OSError as exc:
-                raise ChannelError(f"multifd channel {chan.id}: send failed: "
-                                   f"{exc.strerror or exc}", channel=str(chan.id)) from exc
-            chan.busy_time += time.perf_counter() - start
-            chan.stats.bytes += n
-            chan.stats.packets += 1
-            self.bytes_sent += n
-            if TRACE.packets:
-                log.debug("-> multifd", kind=job.kind, bytes=n, packet=chan.stats.packets)
-            chan.job = None
-            self._idle.release()
+                self._loop.call_soon_threadsafe(_set_result, failed, exc)
+            except RuntimeError:  # the loop is gone: nobody is left to tell
+                pass
+
+    def _sent(self, chan: _SendChannel, job: Job, n: int, elapsed: float,
+              trace: bool) -> None:
+        chan.busy_time += elapsed
+        chan.stats.bytes += n
+        chan.stats.packets += 1
+        chan.queued -= 1
+        self.bytes_sent += n
+        job.sent(self)
+        if trace:
+            self._log.debug("-> multifd", channel=chan.id, kind=job.kind, bytes=n,
+                            packet=chan.stats.packets)
+        self._slots.release()
 
     async def drain(self) -> None:
         """Wait until every packet handed over so far has been written to its socket."""
-        n = len(self._channels)
-        for _ in range(n):
-            await self._idle.acquire()
-        for _ in range(n):
-            self._idle.release()
+        total = len(self._channels) * QUEUE_DEPTH
+        for _ in range(total):
+            await self._slots.acquire()
+        for _ in range(total):
+            self._slots.release()
 
     def close(self) -> None:
         for chan in self._channels:
+            self._stop(chan)
+            chan.stopper.close()
             try:
                 chan.sock.close()
             except OSError:
                 pass
+
+
+def _set_result(fut: asyncio.Future[BaseException], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_result(exc)

@@ -39,6 +39,7 @@ PARAMETER_DEFAULTS: dict[str, Any] = {
     "x-connect-timeout": 10_000,      # ms: connecting, handshakes, waiting for channels
     "x-switchover-timeout": 120_000,  # ms: from the devices' quiesce to the destination's SHUT
     "x-channel-stall-timeout": 30_000,  # ms: a channel that accepts no byte at all
+    "x-socket-buffer-size": -1,       # multifd SO_SNDBUF/SO_RCVBUF: -1 auto, 0 kernel autotuning
     "tls-creds": "",                  # id of a --object tls-creds-x509; "" = no TLS
     "tls-hostname": "",               # name the destination's certificate must carry
 }
@@ -52,6 +53,7 @@ _INT_RANGES = {
     "x-connect-timeout": (100, 3_600_000),
     "x-switchover-timeout": (100, 3_600_000),
     "x-channel-stall-timeout": (100, 3_600_000),
+    "x-socket-buffer-size": (-1, 64 * 1024 * 1024),
 }
 _COMPRESSION = ("none", "zlib", "zstd")
 _ZERO_PAGE_DETECTION = ("none", "legacy", "multifd")
@@ -136,7 +138,8 @@ class MigrationSettings:
         if name in _INT_RANGES:
             from vm.properties import parse_size
 
-            value = parse_size(text) if name == "max-bandwidth" else _int(name, text)
+            value = (parse_size(text) if name in ("max-bandwidth", "x-socket-buffer-size")
+                     and text.lstrip()[:1] != "-" else _int(name, text))
         self.set_parameters({name: value})
 
     def query_parameters(self) -> dict[str, Any]:

@@ -3,10 +3,15 @@
 Each multifd channel moves its bytes in a thread of its own (see
 ``docs/performance.md``: one event loop driving several sockets reached about half
 the loopback limit, one thread per socket came close to it, because ``sendmsg`` and
-``recv_into`` release the GIL for the whole kernel copy).  The sockets stay
-non-blocking; a thread that has to wait polls its socket *and* a :class:`Stopper`,
-so the event loop can end a thread that is blocked on a silent peer at any moment,
-without closing a descriptor under it.
+``recv_into`` release the GIL for the whole kernel copy).
+
+Plain TCP sockets are switched to blocking mode for their thread: one ``sendmsg``
+hands a whole packet to the kernel, and a payload is received with one
+``recv_into(MSG_WAITALL)``, so the thread sleeps in the kernel instead of waking for
+every few kilobytes (polling a non-blocking socket cost a third of the CPU).  The
+stall timeout is the socket's ``SO_SNDTIMEO``.  :meth:`Stopper.stop` shuts the socket
+down, which ends a blocked call at once without closing a descriptor under it.
+TLS sockets stay non-blocking and poll the socket and the stopper's pipe.
 
 Nothing here touches the event loop: the callers (``migrate_src.channels``,
 ``migrate_dst.channels``) hand results back with ``loop.call_soon_threadsafe``.
@@ -14,15 +19,17 @@ Nothing here touches the event loop: the callers (``migrate_src.channels``,
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import select
 import socket
 import ssl
+import struct
 from collections.abc import Sequence
 
 from protocol.errors import ChannelError
 
-__all__ = ["Stopper", "Stopped", "send_all", "recv_into", "size_buffers"]
+__all__ = ["Stopper", "Stopped", "hand_to_thread", "send_all", "recv_into", "size_buffers"]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -32,10 +39,11 @@ class Stopped(Exception):
 
 
 class Stopper:
-    """A wake-up pipe: once :meth:`stop` is called every wait in this module raises
-    :class:`Stopped`."""
+    """Ends the I/O of one channel thread: once :meth:`stop` is called every call of
+    this module on ``sock`` raises :class:`Stopped`."""
 
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
@@ -48,6 +56,11 @@ class Stopper:
         try:
             os.write(self._w, b"x")
         except OSError:  # closed already, or the pipe is full: either way it is set
+            pass
+        try:
+            # wakes a thread blocked in sendmsg / recv_into on this socket
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+        except OSError:
             pass
 
     def close(self) -> None:
@@ -80,10 +93,22 @@ def _stalled(what: str, timeout: float) -> ChannelError:
                         "(x-channel-stall-timeout)", channel=what)
 
 
+def hand_to_thread(sock: socket.socket, stall_timeout: float | None = None) -> None:
+    """Prepare a connected socket for its channel thread (see the module docstring)."""
+    if isinstance(sock, ssl.SSLSocket):
+        return
+    sock.setblocking(True)
+    if stall_timeout is not None:
+        seconds = int(stall_timeout)
+        micros = int((stall_timeout - seconds) * 1_000_000)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", seconds, micros))
+
+
 def send_all(sock: socket.socket, buffers: Sequence[Buffer], stopper: Stopper,
              stall_timeout: float | None = None, what: str = "channel") -> int:
-    """Send every byte of ``buffers`` (gathered into one ``sendmsg`` where the socket
-    takes it, never joined); return the count.
+    """Send every byte of ``buffers`` (gathered into one ``sendmsg``, never joined);
+    return the count.
 
     A peer that accepts no byte at all for ``stall_timeout`` seconds raises
     :class:`ChannelError`; slow is fine, stalled is not.
@@ -96,11 +121,17 @@ def send_all(sock: socket.socket, buffers: Sequence[Buffer], stopper: Stopper,
     while views:
         try:
             sent = sock.sendmsg(views)
-        except (BlockingIOError, InterruptedError):
-            if not stopper.wait(sock, _OUT, stall_timeout):
-                assert stall_timeout is not None
-                raise _stalled(what, stall_timeout) from None
+        except InterruptedError:
             continue
+        except BlockingIOError:  # SO_SNDTIMEO passed without a byte accepted
+            if stopper.stopped:
+                raise Stopped from None
+            assert stall_timeout is not None
+            raise _stalled(what, stall_timeout) from None
+        except OSError:
+            if stopper.stopped:
+                raise Stopped from None
+            raise
         while sent:
             head = views[0]
             if sent >= len(head):
@@ -131,9 +162,21 @@ def _ssl_send_all(sock: ssl.SSLSocket, views: list[memoryview], stopper: Stopper
             view = view[sent:]
 
 
-def recv_into(sock: socket.socket, view: memoryview, stopper: Stopper) -> int:
-    """One receive into ``view``, waiting as long as it takes; 0 at EOF."""
+def recv_into(sock: socket.socket, view: memoryview, stopper: Stopper,
+              whole: bool = False) -> int:
+    """One receive into ``view``, waiting as long as it takes; 0 at EOF.  With
+    ``whole`` a plain socket waits until all of ``view`` is filled (or EOF)."""
     tls = isinstance(sock, ssl.SSLSocket)
+    if not tls:
+        try:
+            n = sock.recv_into(view, 0, socket.MSG_WAITALL if whole else 0)
+        except OSError:
+            if stopper.stopped:
+                raise Stopped from None
+            raise
+        if stopper.stopped:
+            raise Stopped
+        return n
     while True:
         try:
             return sock.recv_into(view)
@@ -152,11 +195,40 @@ def recv_into(sock: socket.socket, view: memoryview, stopper: Stopper) -> int:
         stopper.wait(sock, events, None)
 
 
-def size_buffers(sock: socket.socket, size: int) -> None:
-    """Fix the kernel socket buffers of ``sock`` at ``size`` bytes (0 keeps the kernel's
-    autotuning).  Both directions: a multifd socket mostly sends or mostly receives,
-    and which one depends on the side."""
-    if size <= 0 or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        sock.setsockopt(socket.SOL_SOCKET, option, size)
+#: What ``x-socket-buffer-size=-1`` (auto) gives a multifd socket whose peer is on the
+#: same host.  Over loopback the kernel copies straight from the sender's to the
+#: receiver's buffers, and the autotuned multi-megabyte buffers of several streams
+#: no longer fit in the CPU caches: small fixed buffers doubled the throughput of 4
+#: streams here (bench/datapath.py --bufsize, docs/performance.md).
+LOOPBACK_BUFFER = int(os.environ.get("MIGRATE_SOCKBUF", 256 * 1024))
+
+
+def is_loopback(sock: socket.socket) -> bool:
+    try:
+        host = sock.getpeername()[0]
+    except (OSError, IndexError):
+        return False
+    return isinstance(host, str) and ipaddress.ip_address(host.split("%")[0]).is_loopback
+
+
+def buffer_size(sock: socket.socket, setting: int) -> int:
+    """The socket buffer size ``x-socket-buffer-size=setting`` means for ``sock``:
+    0 keeps the kernel's autotuning (the right choice across a real network, where
+    buffers must cover the bandwidth-delay product); -1 is LOOPBACK_BUFFER for a
+    loopback peer and autotuning otherwise."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return 0
+    if setting < 0:
+        return LOOPBACK_BUFFER if is_loopback(sock) else 0
+    return setting
+
+
+def size_buffers(sock: socket.socket, setting: int) -> int:
+    """Apply ``x-socket-buffer-size`` to both buffers of a connected ``sock`` (a
+    multifd socket mostly sends or mostly receives, and which depends on the side);
+    returns the size set, 0 when the kernel keeps autotuning."""
+    size = buffer_size(sock, setting)
+    if size:
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+    return size

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from migrate_common.log import TRACE
-from migrate_common.threadio import Stopped, Stopper, recv_into
+from migrate_common.threadio import Stopped, Stopper, hand_to_thread, recv_into
 from protocol.channel import (
     ChannelClosed,
     ChannelDecoder,
@@ -95,7 +95,7 @@ class ReceiveChannel:
         self.bytes = 0
         self.packets = 0
         self.closed = False
-        self._stopper = Stopper()
+        self._stopper = Stopper(sock)
         self._credits = threading.Semaphore(AHEAD)
         self._thread: threading.Thread | None = None
 
@@ -107,6 +107,7 @@ class ReceiveChannel:
         channel closes cleanly; stop the thread when cancelled."""
         loop = asyncio.get_running_loop()
         delivered: asyncio.Queue[Any] = asyncio.Queue()
+        hand_to_thread(self.sock)
         self._thread = threading.Thread(target=self._receive_thread,
                                          args=(loop, delivered),
                                          name=f"multifd-recv-{self.id}", daemon=True)
@@ -139,7 +140,7 @@ class ReceiveChannel:
             while True:
                 view = decoder.buffer()
                 try:
-                    n = recv_into(self.sock, view, stopper)
+                    n = recv_into(self.sock, view, stopper, decoder.receiving_body)
                 except OSError as exc:
                     raise ChannelError(f"multifd channel {self.id}: receive failed: "
                                        f"{exc.strerror or exc}", channel=str(self.id)) from exc

@@ -42,6 +42,7 @@ from migrate_common.settings import (
 from migrate_common.status import MigrationStatus as S
 from migrate_common.status import StatusMachine
 from migrate_dst.channels import BufferPool, ReceiveChannel
+from migrate_common.threadio import size_buffers
 from migrate_dst.incoming import classify_connection
 from migrate_dst.load import SectionKind, VfioLoadHandler
 from migrate_dst.ram import RamLoadHandler, RecvSync
@@ -181,6 +182,7 @@ class IncomingMigration:
                                  "destination has the multifd capability off")
         init.validate(expected_uuid=self.vm.uuid.bytes, channels=self.channel_count,
                       connected=self.channels.keys())
+        size_buffers(sock, self.settings.param("x-socket-buffer-size"))
         channel = ReceiveChannel(init.channel_id, sock, self.pool, self._lookup_handler,
                                  self.log, ram=self.ram_handler,
                                  compression=self.settings.param("multifd-compression"),

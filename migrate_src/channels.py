@@ -25,7 +25,7 @@ from typing import Any
 from migrate_common.funnel import Funnel
 from migrate_common.log import TRACE
 from migrate_common.net import Buffer, recv_into, sendmsg_all
-from migrate_common.threadio import Stopped, Stopper, send_all, size_buffers
+from migrate_common.threadio import Stopped, Stopper, hand_to_thread, send_all, size_buffers
 from protocol.control import (
     ControlDecoder,
     ControlMessage,
@@ -222,14 +222,25 @@ class SyncJob(Job):
     """QEMU's SYNC packet: empty, flags ``SYNC``, after all earlier packets."""
 
     kind = "sync"
+    __slots__ = ("done",)
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
 
     def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
         return [RamPacket.sync_packet(sender.next_packet_num()).encode(sender.page_count)]
+
+    def sent(self, sender: MultifdSender) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 #: Jobs queued per channel: the next packet waits in the channel's queue while the
 #: current one is being sent, so the socket never idles for a trip through the loop.
 QUEUE_DEPTH = 2
+
+#: Seconds a channel that the peer broke waits before it reports that as the failure.
+PEER_CLOSE_GRACE = 0.25
 
 
 @dataclass
@@ -239,10 +250,13 @@ class _SendChannel:
     stats: ChannelStats
     compressor: PacketCompressor | None = None
     jobs: queue.SimpleQueue[Job | None] = field(default_factory=queue.SimpleQueue)
-    stopper: Stopper = field(default_factory=Stopper)
+    stopper: Stopper = field(init=False)
     queued: int = 0
     busy_time: float = 0.0
     thread: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        self.stopper = Stopper(self.sock)
 
 
 class MultifdSender:
@@ -331,26 +345,37 @@ class MultifdSender:
 
     async def sync(self) -> None:
         """QEMU's ``multifd_send_sync_main``: one SYNC packet on every channel, each
-        after all the jobs handed to that channel before; returns once all are sent."""
+        after all the jobs handed to that channel before; returns once the SYNC
+        packets are sent.  Jobs handed over meanwhile queue behind them and are not
+        waited for: the destination parks each channel at its SYNC until the main
+        channel's flush marker, so waiting for them here could wait forever."""
         total = len(self._channels) * QUEUE_DEPTH
         for _ in range(total):
             await self._slots.acquire()
-        for chan in self._channels:
-            self._queue(chan, SyncJob())
+        jobs = [SyncJob(self._loop.create_future()) for _ in self._channels]
+        for chan, job in zip(self._channels, jobs, strict=True):
+            self._queue(chan, job)
         # the SYNC jobs hold one place per channel until they are sent
         for _ in range(total - len(self._channels)):
             self._slots.release()
-        await self.drain()
+        await asyncio.gather(*(job.done for job in jobs))
         self.syncs += 1
 
     async def _run(self, chan: _SendChannel) -> None:
         """Start the channel's thread and wait for it to fail; stop it when cancelled."""
+        hand_to_thread(chan.sock, self.stall_timeout)
         failed: asyncio.Future[BaseException] = self._loop.create_future()
         chan.thread = threading.Thread(target=self._thread_main, args=(chan, failed),
                                        name=f"multifd-send-{chan.id}", daemon=True)
         chan.thread.start()
         try:
-            raise await failed
+            exc = await failed
+            if isinstance(exc.__cause__, OSError):
+                # A destination that fails sends its reason (SHUT) on the main channel
+                # and then closes every socket; this thread can see the broken pipe
+                # before the return path has read the reason, which must win.
+                await asyncio.sleep(PEER_CLOSE_GRACE)
+            raise exc
         finally:
             self._stop(chan)
 

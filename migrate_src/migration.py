@@ -267,7 +267,8 @@ class OutgoingMigration:
                                         page_size=page_size,
                                         compression=settings.param("multifd-compression"),
                                         level=compression_level(settings),
-                                        stall_timeout=stall)
+                                        stall_timeout=stall,
+                                        socket_buffer=settings.param("x-socket-buffer-size"))
             await self.sender.send_init()
             self.sender.start()
         await self.main.send_preamble()

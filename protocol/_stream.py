@@ -114,6 +114,12 @@ class StreamDecoder(Generic[E]):
     # -- public API ----------------------------------------------------------------
 
     @property
+    def receiving_body(self) -> bool:
+        """Whether :meth:`buffer` is the rest of a body: every byte of it is wanted, so
+        a blocking receiver may wait for all of it (``MSG_WAITALL``)."""
+        return self._sink is not None
+
+    @property
     def bytes_received(self) -> int:
         """Bytes passed to :meth:`advance` so far."""
         return self._bytes_received

@@ -140,10 +140,17 @@ def machine_info() -> dict[str, Any]:
         "multifd-migrate": _version("multifd-migrate"),
         "matplotlib": _version("matplotlib"),
         "iperf3": _first_line(["iperf3", "--version"]) if shutil.which("iperf3") else None,
+        "qemu": _qemu_version(),
         "py-spy": _version("py-spy"),
         "git-head": _git_head(),
         "loadavg-at-start": _loadavg(),
     }
+
+
+def _qemu_version() -> str | None:
+    from bench import qemu_peer
+
+    return qemu_peer.qemu_version()
 
 
 def _loadavg() -> str | None:
@@ -154,7 +161,7 @@ def _loadavg() -> str | None:
 
 
 _BUSY = ("migrate_src", "migrate_dst", "migrate-src", "migrate-dst", "migrate-demo",
-         "pytest", "iperf3")
+         "pytest", "iperf3", "qemu-system-", "qemu_peer.py")
 
 
 def descendants(pid: int) -> list[int]:
@@ -636,7 +643,7 @@ def _pid_alive(pid: int) -> bool:
 
 def cleanup_stale_namespaces() -> list[str]:
     """Delete namespaces an earlier, killed harness run left (theirs only: by prefix+pid)."""
-    removed = []
+    removed: list[str] = []
     try:
         out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                              timeout=10).stdout

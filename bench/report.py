@@ -64,11 +64,15 @@ def scenario_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             head, rows = head[:7], [r[:7] for r in rows]
     elif name == "ram-throughput":
         head = ["channels", "RAM GB/s", "iperf3 GB/s", "ratio", "target >=0.8",
-                "on the wire ms", "downtime ms"]
-        for p in pts:
+                "QEMU GB/s", "ours/QEMU", "target >=1.0", "on the wire ms", "downtime ms"]
+        for p in [*pts, *result.get("qemu-points", [])]:  # QEMU's rows last
             t = _targets_for(result, p["key"])
+            qemu = p.get("peer") == "qemu"
             rows.append([p["key"], _spread(p, "ram-GBps"), _num(p.get("iperf3-GBps")),
                          _num(p.get("ratio")), _verdict(t.get("ram-throughput-ratio")),
+                         _num(p.get("qemu-GBps")) if not qemu else "",
+                         _num(p.get("vs-qemu")) if not qemu else "",
+                         _verdict(t.get("ram-vs-qemu")),
                          _spread(p, "transfer-ms", "{:.0f}"), _spread(p, "downtime-ms", "{:.0f}")])
     elif name == "downtime-devices":
         head = ["devices", "mode", "downtime ms", "multifd/main", "target <=0.45",

@@ -59,6 +59,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--channels", default="1,2,4,8,16",
                    help="multifd channel counts for the throughput scenarios (default "
                         "1,2,4,8,16)")
+    p.add_argument("--qemu-channels", default=None, metavar="LIST",
+                   help="ram-throughput: where real QEMU (qemu-system-x86_64 migrating to "
+                        "itself) is measured as the peer, in the same run: multifd channel "
+                        "counts and/or 'main' (default: main and the --channels counts; "
+                        "'none' to skip QEMU); left out with a note when QEMU is not "
+                        "installed")
     p.add_argument("--reevaluate", type=Path, metavar="DIR",
                    help="measure nothing: recompute the summaries, targets, tables and plots "
                         "of DIR/results.json from its raw samples")
@@ -128,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         channels = [int(x) for x in args.channels.split(",") if x.strip()]
+        qemu_channels = None if args.qemu_channels is None else (
+            [] if args.qemu_channels.strip().lower() in ("none", "no", "")
+            else [0 if x.strip().lower() == "main" else int(x)
+                  for x in args.qemu_channels.split(",") if x.strip()])
         ctx = scenarios.Context(
             sizes=sizes, repeat=repeat, channels=channels, iperf=not args.no_iperf, out=out,
             profile=args.profile,
@@ -137,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             downtime_channels=args.downtime_channels,
             dst_cap=_size(args.dst_cap), link_bits=harness.parse_bits(args.link_rate),
             stream_bits=harness.parse_bits(args.stream_rate),
+            qemu_channels=qemu_channels,
             log=lambda s: print(s, flush=True))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -150,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         "options": {"quick": args.quick, "repeat": repeat, "channels": channels,
                     "iperf": not args.no_iperf, "profile": args.profile,
                     "downtime-channels": args.downtime_channels, "dst-cap": ctx.dst_cap,
-                    "link-bits": ctx.link_bits, "stream-bits": ctx.stream_bits},
+                    "link-bits": ctx.link_bits, "stream-bits": ctx.stream_bits,
+                    "qemu-channels": [0, *channels] if qemu_channels is None
+                    else qemu_channels},
         "machine": harness.machine_info(),
         "units": {"GBps": "1e9 bytes/s", "ms": "milliseconds", "B": "bytes"},
         "scenarios": {},

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import qemu_peer
 from bench.harness import (
     GiB,
     MiB,
@@ -46,6 +47,7 @@ SCENARIOS = ("device-throughput", "ram-throughput", "downtime-devices", "scaling
 # the targets of issue #4
 DEVICE_RATIO = 0.9         # device-state throughput >= 0.9 x iperf3, same stream count
 RAM_RATIO = 0.8            # RAM throughput >= 0.8 x iperf3
+QEMU_RATIO = 1.0           # ... and >= QEMU's own (qemu-system-x86 as the peer), same channels
 DOWNTIME_RATIO = 0.45      # multifd downtime <= 0.45 x non-multifd, 4 realistic devices
 OVERHEAD_MS = 30.0         # downtime <= device bytes / throughput + 30 ms
 RSS_FIXED = 64 * MiB       # destination peak RSS <= 64 MiB + cap + channels x 2 MiB ...
@@ -103,6 +105,8 @@ class Context:
     dst_cap: int = 32 * MiB
     link_bits: int = 10_000_000_000
     stream_bits: int = 2_500_000_000
+    qemu_channels: list[int] | None = None  # QEMU peer in ram-throughput (0 = main channel
+                                            # only); None = main + channels
     iperf_cache: dict[str, dict[int, list[dict[str, Any]]]] = field(default_factory=dict)
     log: Callable[[str], None] = print
 
@@ -318,8 +322,8 @@ async def _measure_iperf(ctx: Context, result: dict[str, Any], kind: str,
     if not ctx.iperf:
         result["measure-notes"].append("iperf3 baseline not measured (--no-iperf)")
         return
-    base = await iperf_baselines(ctx, kind, sorted({p["streams"] for p in result["points"]}),
-                                 **iperf_kw)
+    pts = result["points"] + result.get("qemu-points", [])
+    base = await iperf_baselines(ctx, kind, sorted({p["streams"] for p in pts}), **iperf_kw)
     result["iperf3-samples"] = {str(k): v for k, v in base.items()}
 
 
@@ -356,28 +360,111 @@ async def ram_throughput(ctx: Context) -> dict[str, Any]:
     points = _channel_points(ctx)
     src_args = ["--memory", f"{size_text(ram)},fill=random"]
     dst_args = ["--memory", size_text(ram)]
+    qemu_points, image, qemu_notes = await _qemu_setup(ctx, ram)
 
     async def run(p: dict[str, Any], rep: int) -> dict[str, Any]:
+        if p.get("peer") == "qemu":
+            assert image is not None
+            try:
+                return await asyncio.to_thread(qemu_peer.migrate_once, image, p["channels"],
+                                               multifd=p["multifd"], timeout=_timeout(ram))
+            except Exception as exc:  # QEMU must never break the scenario: a failed sample
+                return {"peer": "qemu", "verified": False,
+                        "error": f"{type(exc).__name__}: {exc}", "metrics": {}}
         launch = ctx.launch("ram-throughput", p["key"].replace(" ", ""), rep)
         async with daemon_pair([], src_args=src_args, dst_args=dst_args,
                                launch=launch) as (src, dst):
             return await migrate(src, dst, multifd=p["multifd"], channels=p["channels"],
                                  timeout=_timeout(ram))
 
-    await run_points(ctx, "ram-throughput", points, run, _show_ram)
-    result = {"name": "ram-throughput",
-              "title": f"RAM throughput ({human(ram)} of random content, no devices, "
-                       "idle guest)",
-              "config": {"src-args": src_args, "dst-args": dst_args, "max-bandwidth": 0,
-                         "downtime-limit": 300},
-              "points": points,
-              "measure-notes": ["QEMU as a peer (qemu-system-x86) is not compared yet"]}
+    try:  # our points and QEMU's round-robin in the same repeats
+        await run_points(ctx, "ram-throughput", points + qemu_points, run, _show_ram)
+    finally:
+        if image is not None:
+            image.remove()
+    result: dict[str, Any] = {
+        "name": "ram-throughput",
+        "title": f"RAM throughput ({human(ram)} of random content, no devices, idle guest)",
+        "config": {"src-args": src_args, "dst-args": dst_args, "max-bandwidth": 0,
+                   "downtime-limit": 300},
+        "points": points, "qemu-points": qemu_points, "measure-notes": qemu_notes}
+    if qemu_points:
+        first: dict[str, Any] = next(
+            (s for q in qemu_points for s in q["samples"] if s.get("argv")), {})
+        result["config"]["qemu"] = {
+            "version": first.get("qemu-version") or qemu_peer.qemu_version(),
+            "argv": first.get("argv"), "capabilities": first.get("capabilities"),
+            "parameters": first.get("parameters"),
+            "ram-file-dir": str(image.path.parent) if image else None,
+            "ram-digest": image.digest if image else None}
     await _measure_iperf(ctx, result, "loopback")
     return result
 
 
+async def _qemu_setup(ctx: Context, ram: int) -> tuple[list[dict[str, Any]],
+                                                       qemu_peer.RamImage | None, list[str]]:
+    """The QEMU peer's points and source RAM image, or a note why QEMU is left out."""
+    counts = ctx.qemu_channels if ctx.qemu_channels is not None else [0, *ctx.channels]
+    counts = sorted({n for n in counts if n >= 0})
+    if not counts:
+        return [], None, ["QEMU peer not measured (--qemu-channels none)"]
+    reason = qemu_peer.unavailable_reason(ram)
+    need = 3 * ram + 1 * GiB  # its source image stays while our pair holds 2 x RAM
+    if reason is None and mem_available() < need:
+        reason = (f"needs ~{human(need)} of memory for the RAM image and a daemon pair, "
+                  f"{human(mem_available())} available")
+    if reason is not None:
+        ctx.log(f"  [ram-throughput] QEMU peer skipped: {reason}")
+        return [], None, [f"QEMU peer NOT measured, no ours/QEMU targets: {reason}"]
+    image = await asyncio.to_thread(qemu_peer.RamImage.create, ram)
+    ctx.log(f"  [ram-throughput] QEMU peer: {qemu_peer.qemu_version()}; source RAM image "
+            f"{image.path} ({human(ram)} random, {image.seconds:.1f} s)")
+    points = [{"key": f"QEMU {n} ch" if n else "QEMU main", "peer": "qemu", "multifd": n > 0,
+               "channels": max(n, 1), "streams": max(n, 1)} for n in counts]
+    note = ("QEMU peer: two qemu-system-x86_64 paused (-S), guest RAM a memory-backend-file "
+            "in a tmpfs (share=on,prealloc=on on both sides), multifd, return-path, "
+            "max-bandwidth unlimited, downtime-limit 300 ms; its wire time is total-time - "
+            "setup-time (query-migrate has no channels-drained checkpoint: all its downtime "
+            "counts); destination RAM file checked against the source's digest")
+    return points, image, [note]
+
+
 def _eval_ram_throughput(result: dict[str, Any]) -> None:
     _eval_ratio(result, RAM_RATIO, "ram-GBps", "RAM throughput")
+    qpts = result.get("qemu-points") or []
+    for q in qpts:
+        for s in q["samples"]:
+            if "src" in s:
+                s.setdefault("metrics", {}).update(
+                    qemu_peer.derive(s["src"], s.get("trace-checkpoints")))
+        q["summary"] = summarize(q["samples"])
+        base = result.get("iperf3", {}).get(str(q["streams"]))
+        v = med(q, "ram-GBps")
+        if base:
+            q["iperf3-GBps"] = base["median"] / 1e9
+            q["ratio"] = None if v is None else v / q["iperf3-GBps"]
+    drained = [f"{q['key']} {med(q, 'post-drain-ms'):.1f} ms" for q in qpts
+               if med(q, "post-drain-ms") is not None]
+    if drained:
+        result["notes"].append("QEMU's downtime after its channels drained (from its trace; "
+                               "in its wire time, unlike ours): " + ", ".join(drained))
+    by = {(q["multifd"], q["channels"]): q for q in qpts}
+    version = (result.get("config", {}).get("qemu") or {}).get("version") or ""
+    version = version.split(" ")[0]
+    for p in result["points"]:
+        q = by.get((p["multifd"], p["channels"]))
+        if q is None:
+            continue
+        v, qv = med(p, "ram-GBps"), med(q, "ram-GBps")
+        p["qemu-GBps"] = qv
+        p["vs-qemu"] = None if v is None or not qv else v / qv
+        if not p["multifd"]:  # main channel only: shown, like its iperf3 ratio, no target
+            continue
+        qbad = fail_reason(q)
+        result["targets"].append(target(
+            "ram-vs-qemu", f"{p['key']}: RAM throughput / QEMU {version}, {p['key']}",
+            p["vs-qemu"], QEMU_RATIO, ">=", "x",
+            point=p["key"], reason=fail_reason(p) or (f"QEMU: {qbad}" if qbad else None)))
 
 
 # -- downtime-devices --------------------------------------------------------------------

@@ -195,12 +195,16 @@ def recv_into(sock: socket.socket, view: memoryview, stopper: Stopper,
         stopper.wait(sock, events, None)
 
 
-#: What ``x-socket-buffer-size=-1`` (auto) gives a multifd socket whose peer is on the
-#: same host.  Over loopback the kernel copies straight from the sender's to the
-#: receiver's buffers, and the autotuned multi-megabyte buffers of several streams
-#: no longer fit in the CPU caches: small fixed buffers doubled the throughput of 4
-#: streams here (bench/datapath.py --bufsize, docs/performance.md).
-LOOPBACK_BUFFER = int(os.environ.get("MIGRATE_SOCKBUF", 256 * 1024))
+#: ``x-socket-buffer-size=-1`` (auto) for a multifd socket whose peer is on the same
+#: host: LOOPBACK_BUDGET split over the channels, at least LOOPBACK_MIN each, and the
+#: kernel's autotuning for a single channel.  Over loopback the kernel copies straight
+#: from the sender's to the receiver's buffers; autotuned multi-megabyte buffers on
+#: several streams no longer fit in the CPU caches, while one stream needs large
+#: buffers to keep the sender busy.  Measured here with 4 devices and 2 GiB (device
+#: throughput, GB/s): 4 channels 64K/128K/512K/autotuned 3.6/3.5/3.1/2.1; 1 channel
+#: 256K/autotuned 2.8/3.7-4.0 (docs/performance.md).
+LOOPBACK_BUDGET = 512 * 1024
+LOOPBACK_MIN = 64 * 1024
 
 
 def is_loopback(sock: socket.socket) -> bool:
@@ -211,23 +215,25 @@ def is_loopback(sock: socket.socket) -> bool:
     return isinstance(host, str) and ipaddress.ip_address(host.split("%")[0]).is_loopback
 
 
-def buffer_size(sock: socket.socket, setting: int) -> int:
-    """The socket buffer size ``x-socket-buffer-size=setting`` means for ``sock``:
-    0 keeps the kernel's autotuning (the right choice across a real network, where
-    buffers must cover the bandwidth-delay product); -1 is LOOPBACK_BUFFER for a
-    loopback peer and autotuning otherwise."""
+def buffer_size(sock: socket.socket, setting: int, channels: int) -> int:
+    """The socket buffer size ``x-socket-buffer-size=setting`` means for ``sock``, one
+    of ``channels`` multifd channels: 0 keeps the kernel's autotuning (the right
+    choice across a real network, where buffers must cover the bandwidth-delay
+    product); -1 (auto) is the loopback rule above, and autotuning for other peers."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return 0
     if setting < 0:
-        return LOOPBACK_BUFFER if is_loopback(sock) else 0
+        if channels <= 1 or not is_loopback(sock):
+            return 0
+        return max(LOOPBACK_MIN, LOOPBACK_BUDGET // channels)
     return setting
 
 
-def size_buffers(sock: socket.socket, setting: int) -> int:
+def size_buffers(sock: socket.socket, setting: int, channels: int) -> int:
     """Apply ``x-socket-buffer-size`` to both buffers of a connected ``sock`` (a
     multifd socket mostly sends or mostly receives, and which depends on the side);
     returns the size set, 0 when the kernel keeps autotuning."""
-    size = buffer_size(sock, setting)
+    size = buffer_size(sock, setting, channels)
     if size:
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, option, size)

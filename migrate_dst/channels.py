@@ -63,7 +63,7 @@ class BufferPool:
 
 #: Packets a receive thread may decode before the channel task has applied the
 #: earlier ones (besides the one it is receiving into).
-AHEAD = 1
+AHEAD = int(__import__("os").environ.get("MIGRATE_AHEAD", 1))
 
 DeviceLookup = Callable[[str, int], Any]
 
@@ -88,7 +88,9 @@ class ReceiveChannel:
         self.decoder = ChannelDecoder(expect_init=False, allocate=self.allocate,
                                       page_size=ram.ram.page_size if ram is not None else 4096,
                                       block_size=block_size, channel=f"multifd {channel_id}",
-                                      compression=method_flag(compression))
+                                      compression=method_flag(compression),
+                                      ram_target=ram.receive_targets
+                                      if ram is not None and compression == "none" else None)
         self.pool = pool
         self.lookup = lookup
         self.log = log.bind(channel=channel_id)
@@ -154,6 +156,10 @@ class ReceiveChannel:
                     loop.call_soon_threadsafe(delivered.put_nowait, event)
                     if isinstance(event, ChannelClosed):
                         return
+                    if isinstance(event, RamPacketReceived) and event.packet.is_sync:
+                        # pages after a SYNC belong to the next round: they may land in
+                        # guest memory only once the task has passed the sync barrier
+                        self._wait_applied()
         except Stopped:
             return
         except BaseException as exc:  # raised by the channel task, into the funnel
@@ -161,6 +167,15 @@ class ReceiveChannel:
                 loop.call_soon_threadsafe(delivered.put_nowait, exc)
             except RuntimeError:  # the loop is gone
                 pass
+
+    def _wait_applied(self) -> None:
+        """Block until the channel task has applied every packet delivered so far."""
+        for _ in range(AHEAD):
+            self._credits.acquire()
+        for _ in range(AHEAD):
+            self._credits.release()
+        if self._stopper.stopped:
+            raise Stopped
 
     def _stop_thread(self) -> None:
         self._stopper.stop()
@@ -205,7 +220,7 @@ class ReceiveChannel:
                 payload = memoryview(await asyncio.to_thread(
                     self.decompressor.decompress, payload,
                     packet.normal_pages * self.ram.ram.page_size))
-            await self.ram.load_packet(self.id, packet, payload)
+            await self.ram.load_packet(self.id, packet, payload, event.in_place)
         finally:
             if isinstance(buf, bytearray):
                 self.pool.give(buf)

@@ -182,7 +182,7 @@ class IncomingMigration:
                                  "destination has the multifd capability off")
         init.validate(expected_uuid=self.vm.uuid.bytes, channels=self.channel_count,
                       connected=self.channels.keys())
-        size_buffers(sock, self.settings.param("x-socket-buffer-size"))
+        size_buffers(sock, self.settings.param("x-socket-buffer-size"), self.channel_count)
         channel = ReceiveChannel(init.channel_id, sock, self.pool, self._lookup_handler,
                                  self.log, ram=self.ram_handler,
                                  compression=self.settings.param("multifd-compression"),

@@ -1,8 +1,9 @@
 """Load side of guest RAM, and the multifd receive-side sync barrier.
 
-RAM packets are applied by the receive task of the channel they arrive on,
-straight into guest memory at the offsets they name (the decoder has already
-checked the block name and every offset against the block's length).  Zero pages
+RAM packets are received by the thread of the channel they arrive on straight into
+guest memory at the offsets they name (the decoder has already checked the block
+name and every offset against the block's length; compressed pages are copied in
+after decompression), and accounted by the channel's task.  Zero pages
 are only written where this migration wrote the page before: fresh destination
 memory is already zero.
 
@@ -142,16 +143,28 @@ class RamLoadHandler:
                 raise SequenceError(f"RAM block {name!r}: offset {off:#x} is not a page inside "
                                     f"its {length} bytes")
 
+    def receive_targets(self, packet: RamPacket) -> list[memoryview] | None:
+        """For a receive thread: the guest memory a packet's normal pages go to, so
+        they are received in place; None (receive into a buffer, then
+        :meth:`load_packet` rejects or copies it) before the RAM setup record."""
+        if not self.setup_seen:
+            return None
+        return self.ram.receive_targets(self.ram.blocks[packet.ramblock],
+                                        packet.normal_offsets)
+
     async def load_packet(self, channel_id: int, packet: RamPacket,
-                          payload: memoryview) -> None:
-        """A RAM packet from a multifd channel (offsets already validated)."""
+                          payload: memoryview, in_place: bool = False) -> None:
+        """A RAM packet from a multifd channel (offsets already validated); with
+        ``in_place`` its normal pages are already in guest memory."""
         self.packets += 1
         if packet.normal_pages or packet.zero_pages:
             if not self.setup_seen:
                 raise SequenceError(f"multifd channel {channel_id}: RAM pages before the RAM "
                                     "setup record")
             block = self.ram.blocks[packet.ramblock]
-            if packet.normal_pages:
+            if in_place:
+                self.normal_pages += packet.normal_pages
+            elif packet.normal_pages:
                 self.ram.write_pages(block, packet.normal_offsets, payload)
                 self.normal_pages += packet.normal_pages
             if packet.zero_pages:

@@ -41,7 +41,7 @@ from protocol.control import (
 from protocol.compression import PacketCompressor
 from protocol.errors import ChannelError, RemoteProtocolError, SequenceError
 from protocol.multifd import ChannelInit, RamPacket, ram_page_count
-from vm.ram import RamBlock, is_zero_page
+from vm.ram import RamBlock, split_zero_pages
 
 __all__ = ["MainChannel", "MultifdSender", "ChannelStats", "Job", "DeviceStateJob", "RamJob",
            "SyncJob"]
@@ -174,12 +174,9 @@ class RamJob(Job):
         block = self.block
         size = block.page_size
         view = block.view
-        normal: list[int] = []
         zero: list[int] = []
         if self.detect_zero:
-            for index in self.pages:
-                off = index * size
-                (zero if is_zero_page(view[off:off + size]) else normal).append(off)
+            normal, zero = split_zero_pages(view, self.pages, size, block.words)
         else:
             normal = [index * size for index in self.pages]
         compressor = chan.compressor
@@ -281,7 +278,7 @@ class MultifdSender:
                          if compression != "none" else None)
             for i, s in enumerate(socks)]
         for s in socks:
-            size_buffers(s, socket_buffer)
+            size_buffers(s, socket_buffer, len(socks))
         self._slots = asyncio.Semaphore(len(socks) * QUEUE_DEPTH)
         self._last = len(socks) - 1
         self._funnel = funnel

@@ -17,7 +17,7 @@ is bounded by ``max(internal buffer, validated payload size)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import TypeAlias
@@ -25,6 +25,7 @@ from typing import TypeAlias
 from protocol._stream import Allocator, StreamDecoder, claim_buffer, default_allocate
 from protocol.errors import ConfigError
 from protocol.multifd import (
+    COMPRESSION_MASK,
     DEFAULT_MAX_DEVICE_PAYLOAD,
     DEVICE_STATE_BODY_SIZE,
     DEVICE_STATE_HEADER_SIZE,
@@ -70,10 +71,13 @@ class DeviceStateReceived:
 @dataclass(frozen=True, slots=True)
 class RamPacketReceived:
     """A RAM packet; ``payload`` is ``packet.next_packet_size`` bytes (maybe empty):
-    raw pages in the order of ``packet.normal_offsets``, or one compressed chunk."""
+    raw pages in the order of ``packet.normal_offsets``, or one compressed chunk.
+    ``in_place``: the pages went straight to the views ``ram_target`` gave for this
+    packet, and ``payload`` is empty."""
 
     packet: RamPacket
     payload: memoryview
+    in_place: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,11 @@ class ChannelClosed:
 ChannelEvent: TypeAlias = InitReceived | DeviceStateReceived | RamPacketReceived | ChannelClosed
 
 _EMPTY = memoryview(b"")
+
+
+def _target_view(target: memoryview) -> memoryview:
+    """Check a ``ram_target`` view like an allocated buffer (writable flat bytes)."""
+    return claim_buffer(lambda _size: target, len(target))
 
 
 class _Stage(Enum):
@@ -117,8 +126,12 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
         block_size: Callable[[str], int | None] | None = None,
         compression: int | None = None,
         channel: str = "",
+        ram_target: Callable[[RamPacket], Sequence[memoryview] | None] | None = None,
     ) -> None:
         super().__init__(channel=channel)
+        self._ram_target = ram_target
+        self._targets: list[memoryview] = []  # the rest of an in-place payload, reversed
+        self._in_place = False
         self._page_count = ram_page_count(page_size)
         self._page_size = page_size
         self._layout = RamLayout(ram_layout)
@@ -192,18 +205,38 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
             else:
                 self._ram = packet
                 self._stage = _Stage.RAM_PAYLOAD
-                self._start_sink(claim_buffer(self._allocate, packet.next_packet_size))
+                targets = None
+                if self._ram_target is not None and not packet.flags & COMPRESSION_MASK:
+                    targets = self._ram_target(packet)
+                if targets is None:
+                    self._start_sink(claim_buffer(self._allocate, packet.next_packet_size))
+                else:
+                    views = [_target_view(t) for t in targets]
+                    if sum(len(v) for v in views) != packet.next_packet_size or not views:
+                        raise ConfigError(f"ram_target gave {sum(len(v) for v in views)} bytes "
+                                          f"for a {packet.next_packet_size}-byte payload")
+                    views.reverse()
+                    self._targets = views
+                    self._in_place = True
+                    self._start_sink(self._targets.pop())
 
     def _sink_done(self, sink: memoryview, events: list[ChannelEvent]) -> None:
-        self._packets += 1
         if self._stage is _Stage.DEVICE_PAYLOAD:
             assert self._device is not None
             events.append(DeviceStateReceived(self._device, sink))
             self._device = None
         else:
             assert self._ram is not None
-            events.append(RamPacketReceived(self._ram, sink))
+            if self._targets:  # the next run of pages of an in-place payload
+                self._start_sink(self._targets.pop())
+                return
+            if self._in_place:
+                events.append(RamPacketReceived(self._ram, _EMPTY, in_place=True))
+            else:
+                events.append(RamPacketReceived(self._ram, sink))
             self._ram = None
+            self._in_place = False
+        self._packets += 1
         self._stage = _Stage.HEADER
 
     def _at_boundary(self) -> bool:
@@ -220,7 +253,13 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
             return stage.value, sink_filled, self._device.payload_size
         if stage is _Stage.RAM_PAYLOAD:
             assert self._ram is not None
-            return stage.value, sink_filled, self._ram.next_packet_size
+            total = self._ram.next_packet_size
+            if self._in_place:
+                current = self._sink
+                left = sum(len(t) for t in self._targets)
+                left += (len(current) - sink_filled) if current is not None else 0
+                return stage.value, total - left, total
+            return stage.value, sink_filled, total
         return stage.value, buffered, self._want()
 
     def _closed_event(self) -> ChannelEvent:

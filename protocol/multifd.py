@@ -24,6 +24,8 @@ import uuid as _uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+from functools import reduce
+from operator import or_
 
 from protocol.errors import (
     BadFlagsError,
@@ -477,9 +479,6 @@ class RamPacket:
                 f"RAM packet has {len(self.offsets)} offsets for {count} pages "
                 f"({self.normal_pages} normal + {self.zero_pages} zero)"
             )
-        for offset in self.offsets:
-            if type(offset) is not int or not 0 <= offset <= _U64:
-                raise ConfigError(f"RAM packet offset {offset!r} is not a uint64")
         name = _encode_name(self.ramblock, "RAM packet ramblock")
         if count and not name:
             raise ConfigError("RAM packet carries pages but names no ramblock")
@@ -496,7 +495,11 @@ class RamPacket:
             name,
         )
         if count:
-            _offsets(count).pack_into(out, RAM_PACKET_FIXED_SIZE, *self.offsets)
+            try:  # struct rejects what is not an integer in range
+                _offsets(count).pack_into(out, RAM_PACKET_FIXED_SIZE, *self.offsets)
+            except struct.error:
+                bad = next(o for o in self.offsets if type(o) is not int or not 0 <= o <= _U64)
+                raise ConfigError(f"RAM packet offset {bad!r} is not a uint64") from None
         return bytes(out)
 
     @classmethod
@@ -619,17 +622,11 @@ class RamPacket:
                 used = block_size(ramblock)
                 if used is None:
                     raise UnknownDeviceError(f"{what}: unknown RAM block {ramblock!r}")
-            for index, offset in enumerate(offsets):
-                if offset % page_size:
-                    raise RemoteProtocolError(
-                        f"{what}: offset[{index}] {offset:#x} in {ramblock!r} is not aligned "
-                        f"to the {page_size}-byte page size"
-                    )
-                if used is not None and offset > used - page_size:
-                    raise RemoteProtocolError(
-                        f"{what}: offset[{index}] {offset:#x} is beyond RAM block {ramblock!r} "
-                        f"of {used:#x} bytes"
-                    )
+            # whole-array checks in C (page sizes are powers of two); the loop below
+            # only names the first bad offset
+            if (reduce(or_, offsets) & (page_size - 1)
+                    or (used is not None and max(offsets) > used - page_size)):
+                cls._reject_offsets(offsets, page_size, used, ramblock)
         return cls(
             flags=flags,
             pages_alloc=pages_alloc,
@@ -640,6 +637,22 @@ class RamPacket:
             ramblock=ramblock,
             offsets=offsets,
         )
+
+    @staticmethod
+    def _reject_offsets(offsets: tuple[int, ...], page_size: int, used: int | None,
+                        ramblock: str) -> None:
+        what = "RAM packet"
+        for index, offset in enumerate(offsets):
+            if offset % page_size:
+                raise RemoteProtocolError(
+                    f"{what}: offset[{index}] {offset:#x} in {ramblock!r} is not aligned "
+                    f"to the {page_size}-byte page size"
+                )
+            if used is not None and offset > used - page_size:
+                raise RemoteProtocolError(
+                    f"{what}: offset[{index}] {offset:#x} is beyond RAM block {ramblock!r} "
+                    f"of {used:#x} bytes"
+                )
 
     @classmethod
     def decode(

@@ -42,6 +42,8 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import reduce
+from operator import or_
 from pathlib import Path
 from typing import Final, Literal
 
@@ -95,6 +97,28 @@ _BOOL_WORDS: Final[dict[str, bool]] = {
     "no": False,
     "false": False,
 }
+
+
+def split_zero_pages(view: memoryview, pages: Sequence[int], page_size: int,
+                     words: memoryview) -> tuple[list[int], list[int]]:
+    """Byte offsets of the normal and of the all-zero pages among page indices
+    ``pages`` of a block (``view``, and ``words``: the same memory cast to ``'Q'``).
+
+    A page whose first or last 8 bytes are not zero is normal without looking
+    further: that settles almost every page of real data with two word reads; only
+    the others get the full compare.
+    """
+    normal: list[int] = []
+    zero: list[int] = []
+    step = page_size // 8
+    for index in pages:
+        w = index * step
+        off = index * page_size
+        if words[w] or words[w + step - 1] or not ZERO_PAGE.startswith(view[off:off + page_size]):
+            normal.append(off)
+        else:
+            zero.append(off)
+    return normal, zero
 
 
 def is_zero_page(view: memoryview | bytes | bytearray) -> bool:
@@ -410,7 +434,7 @@ class RamBlock:
     """
 
     __slots__ = ("name", "used_length", "page_size", "npages", "base_page", "path", "_map",
-                 "_view")
+                 "_view", "_words")
 
     def __init__(self, name: str, used_length: int, base_page: int,
                  page_size: int = TARGET_PAGE_SIZE) -> None:
@@ -423,6 +447,7 @@ class RamBlock:
         self.path: Path | None = None
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
+        self._words: memoryview | None = None
 
     def __repr__(self) -> str:
         return f"RamBlock({self.name!r}, {format_size(self.used_length)})"
@@ -441,6 +466,14 @@ class RamBlock:
                 "and not after close())"
             )
         return view
+
+    @property
+    def words(self) -> memoryview:
+        """The block as native 64-bit words (for quick zero-page tests)."""
+        words = self._words
+        if words is None:
+            words = self._words = self.view.cast("Q")
+        return words
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.npages:
@@ -560,6 +593,8 @@ class GuestRam:
         # destination: pages received during the current incoming migration
         self._received = bytearray(self.npages_total)
         self._received_count = 0
+        # receive threads mark pages they fill in place (see receive_targets)
+        self._count_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -673,6 +708,9 @@ class GuestRam:
             view, buf = block._view, block._map
             block._view = None
             block._map = None
+            if block._words is not None:
+                block._words.release()
+                block._words = None
             if view is not None:
                 view.release()
             if buf is not None:
@@ -824,12 +862,34 @@ class GuestRam:
 
     def _check_offsets(self, block: RamBlock, offsets: Sequence[int]) -> None:
         ps, last = self.page_size, block.used_length - self.page_size
+        # whole-batch checks in C first (page sizes are powers of two); the loop
+        # below only finds the culprit for the message
+        if offsets and (min(offsets) >= 0 and max(offsets) <= last
+                        and not reduce(or_, offsets) & (ps - 1)):
+            return
         for offset in offsets:
             if offset % ps or not 0 <= offset <= last:
                 raise DeviceError(
                     f"RAM block {block.name!r}: bad page offset {offset:#x} "
                     f"(used_length {block.used_length:#x}, page size {ps})"
                 )
+
+    @staticmethod
+    def _runs(offsets: Sequence[int], ps: int) -> list[tuple[int, int, int, int]]:
+        """Maximal runs of consecutive page offsets: (first index, end index, start
+        byte, stop byte); the first round and sequential writers give long runs."""
+        runs = []
+        i, n = 0, len(offsets)
+        while i < n:
+            start = offsets[i]
+            j = i + 1
+            stop = start + ps
+            while j < n and offsets[j] == stop:
+                j += 1
+                stop += ps
+            runs.append((i, j, start, stop))
+            i = j
+        return runs
 
     def write_pages(self, block: RamBlock, offsets: Sequence[int],
                     payload: memoryview | bytes | bytearray) -> None:
@@ -850,21 +910,34 @@ class GuestRam:
             )
         self._check_offsets(block, offsets)
         view = block.view
+        runs = self._runs(offsets, ps)
+        for i, j, start, stop in runs:
+            view[start:stop] = data[i * ps : j * ps]
+        self._mark_runs(block, runs)
+
+    def receive_targets(self, block: RamBlock, offsets: Sequence[int]) -> list[memoryview]:
+        """Where the pages at ``offsets`` go, as views of guest memory (one per run of
+        consecutive pages), for a receiver that fills them straight from its socket.
+
+        The pages are marked received first, so even if the receive is cut short they
+        count as possibly holding data (a later zero page for them is then written).
+        Thread-safe against the other writers as long as no two of them write the
+        same page concurrently, which the multifd sync barrier guarantees.
+        """
+        self._own(block)
+        self._check_offsets(block, offsets)
+        view = block.view
+        runs = self._runs(offsets, self.page_size)
+        self._mark_runs(block, runs)
+        return [view[start:stop] for _, _, start, stop in runs]
+
+    def _mark_runs(self, block: RamBlock, runs: list[tuple[int, int, int, int]]) -> None:
         received = self._received
         base = block.base_page
         ones = self._ones_view
+        ps = self.page_size
         fresh = 0
-        # Copy maximal runs of consecutive offsets with one memcpy each: the
-        # first round and sequential writers produce long runs.
-        i, n = 0, len(offsets)
-        while i < n:
-            start = offsets[i]
-            j = i + 1
-            stop = start + ps
-            while j < n and offsets[j] == stop:
-                j += 1
-                stop += ps
-            view[start:stop] = data[i * ps : j * ps]
+        for i, j, start, _ in runs:
             first = base + start // ps
             if j - i == 1:
                 if not received[first]:
@@ -874,8 +947,8 @@ class GuestRam:
                 last = first + (j - i)
                 fresh += received.count(0, first, last)
                 received[first:last] = ones[: last - first]
-            i = j
-        self._received_count += fresh
+        with self._count_lock:
+            self._received_count += fresh
 
     def zero_pages(self, block: RamBlock, offsets: Sequence[int]) -> None:
         """Apply zero pages: memset only pages received before; mark all received.
@@ -897,7 +970,8 @@ class GuestRam:
             else:
                 received[index] = 1
                 fresh += 1
-        self._received_count += fresh
+        with self._count_lock:
+            self._received_count += fresh
 
     def reset_received(self) -> None:
         """Forget which pages were received (a new incoming migration).

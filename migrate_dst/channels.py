@@ -138,6 +138,7 @@ class ReceiveChannel:
         decoder = self.decoder
         name = f"multifd-{self.id}"
         stopper = self._stopper
+        ram = self.ram
         try:
             while True:
                 view = decoder.buffer()
@@ -150,6 +151,16 @@ class ReceiveChannel:
                 if self.recorder is not None and n:
                     self.recorder.record(name, view[:n])
                 for event in decoder.eof() if n == 0 else decoder.advance(n):
+                    if isinstance(event, (DeviceStateReceived, RamPacketReceived)):
+                        self.packets += 1
+                    if (ram is not None and isinstance(event, RamPacketReceived)
+                            and not event.packet.is_sync
+                            and (event.in_place or not event.packet.normal_pages)):
+                        # nothing left for the event loop: apply it right here
+                        if TRACE.packets:
+                            self._trace_ram(event)
+                        ram.apply_in_thread(self.id, event.packet)
+                        continue
                     self._credits.acquire()
                     if stopper.stopped:
                         return
@@ -187,7 +198,6 @@ class ReceiveChannel:
 
     def _on_device_state(self, event: DeviceStateReceived) -> None:
         header = event.header
-        self.packets += 1
         # the payload is a view of the pooled buffer the decoder took from allocate()
         buf = event.payload.obj
         assert isinstance(buf, bytearray)
@@ -202,12 +212,14 @@ class ReceiveChannel:
         pool = self.pool
         handler.load_state_buffer(event.payload, lambda: pool.give(buf))
 
+    def _trace_ram(self, event: RamPacketReceived) -> None:
+        p = event.packet
+        self.log.debug("<- ram", block=p.ramblock, normal=p.normal_pages, zero=p.zero_pages,
+                       sync=p.is_sync, num=p.packet_num, in_place=event.in_place)
+
     async def _on_ram(self, event: RamPacketReceived) -> None:
-        self.packets += 1
         if TRACE.packets:
-            p = event.packet
-            self.log.debug("<- ram", block=p.ramblock, normal=p.normal_pages,
-                           zero=p.zero_pages, sync=p.is_sync, num=p.packet_num)
+            self._trace_ram(event)
         if self.ram is None:
             raise SequenceError(f"multifd channel {self.id}: RAM packet received but this VM "
                                 "has no guest RAM to load it into")
@@ -220,7 +232,7 @@ class ReceiveChannel:
                 payload = memoryview(await asyncio.to_thread(
                     self.decompressor.decompress, payload,
                     packet.normal_pages * self.ram.ram.page_size))
-            await self.ram.load_packet(self.id, packet, payload, event.in_place)
+            await self.ram.load_packet(self.id, packet, None if event.in_place else payload)
         finally:
             if isinstance(buf, bytearray):
                 self.pool.give(buf)

@@ -18,6 +18,7 @@ before it is in guest memory.
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 from migrate_dst.load import SectionKind
@@ -81,6 +82,7 @@ class RamLoadHandler:
         self.normal_pages = 0
         self.zero_pages = 0
         self.packets = 0
+        self._count_lock = threading.Lock()  # receive threads count too
 
     async def load_setup(self) -> None:
         # "received" must keep meaning "may hold data": a failed attempt can have left
@@ -120,13 +122,13 @@ class RamLoadHandler:
             block = self._block(message.block)
             self._check_offsets(block.name, block.used_length, message.offsets)
             self.ram.write_pages(block, message.offsets, payload)
-            self.normal_pages += len(message.offsets)
+            self._count(len(message.offsets), 0)
             return False
         if isinstance(message, RamZeroPages):
             block = self._block(message.block)
             self._check_offsets(block.name, block.used_length, message.offsets)
             self.ram.zero_pages(block, message.offsets)
-            self.zero_pages += len(message.offsets)
+            self._count(0, len(message.offsets))
             return False
         raise SequenceError(f"unexpected {type(message).__name__} in the RAM section")
 
@@ -152,28 +154,43 @@ class RamLoadHandler:
         return self.ram.receive_targets(self.ram.blocks[packet.ramblock],
                                         packet.normal_offsets)
 
+    def _count(self, normal: int, zero: int, packets: int = 0) -> None:
+        with self._count_lock:
+            self.normal_pages += normal
+            self.zero_pages += zero
+            self.packets += packets
+
+    def apply_in_thread(self, channel_id: int, packet: RamPacket) -> None:
+        """A receive thread applies a packet whose normal pages it received in place
+        (or that has none), other than SYNC: its zero pages and the counters.  Safe
+        beside the event loop and the other channels' threads: the pages of one round
+        are disjoint, and rounds are separated by the sync barrier, which the thread
+        waits at (see ``ReceiveChannel``)."""
+        self._apply(channel_id, packet, None)
+
     async def load_packet(self, channel_id: int, packet: RamPacket,
-                          payload: memoryview, in_place: bool = False) -> None:
-        """A RAM packet from a multifd channel (offsets already validated); with
-        ``in_place`` its normal pages are already in guest memory."""
-        self.packets += 1
+                          payload: memoryview | None) -> None:
+        """A RAM packet from a multifd channel on the event loop (offsets already
+        validated): one whose pages came in a buffer (compressed ones, after
+        decompression), or a SYNC packet, which parks at the sync barrier."""
+        self._apply(channel_id, packet, payload)
+        if packet.is_sync:
+            if self.sync is None:
+                raise SequenceError(f"multifd channel {channel_id}: SYNC packet without multifd")
+            await self.sync.channel_synced(channel_id)
+
+    def _apply(self, channel_id: int, packet: RamPacket, payload: memoryview | None) -> None:
+        """Write a packet's pages (``payload`` None: its normal pages are in place)."""
         if packet.normal_pages or packet.zero_pages:
             if not self.setup_seen:
                 raise SequenceError(f"multifd channel {channel_id}: RAM pages before the RAM "
                                     "setup record")
             block = self.ram.blocks[packet.ramblock]
-            if in_place:
-                self.normal_pages += packet.normal_pages
-            elif packet.normal_pages:
+            if payload is not None and packet.normal_pages:
                 self.ram.write_pages(block, packet.normal_offsets, payload)
-                self.normal_pages += packet.normal_pages
             if packet.zero_pages:
                 self.ram.zero_pages(block, packet.zero_offsets)
-                self.zero_pages += packet.zero_pages
-        if packet.is_sync:
-            if self.sync is None:
-                raise SequenceError(f"multifd channel {channel_id}: SYNC packet without multifd")
-            await self.sync.channel_synced(channel_id)
+        self._count(packet.normal_pages, packet.zero_pages, 1)
 
     def stats(self) -> dict[str, Any]:
         return {"normal": self.normal_pages, "duplicate": self.zero_pages,

@@ -44,7 +44,7 @@ from protocol.multifd import ChannelInit, RamPacket, ram_page_count
 from vm.ram import RamBlock, split_zero_pages
 
 __all__ = ["MainChannel", "MultifdSender", "ChannelStats", "Job", "DeviceStateJob", "RamJob",
-           "SyncJob"]
+           "SyncJob", "JOB_PACKETS"]
 
 
 @dataclass
@@ -154,37 +154,43 @@ class DeviceStateJob(Job):
 
 
 class RamJob(Job):
-    """Up to ``page_count`` pages of one RAM block.
+    """Up to ``JOB_PACKETS`` RAM packets, each of up to ``page_count`` pages of one
+    block, sent back to back with one ``sendmsg`` (fewer trips between the event loop
+    and the channel thread; the wire is the same as one packet per job).
 
     Zero-page detection runs here, in the channel's thread (QEMU's
-    ``zero-page-detection=multifd``): the batch is split into normal pages, whose
+    ``zero-page-detection=multifd``): each batch is split into normal pages, whose
     data is sent, and zero pages, of which only the offsets travel.
     """
 
     kind = "ram"
-    __slots__ = ("block", "pages", "detect_zero", "normal", "zero")
+    __slots__ = ("batches", "detect_zero", "normal", "zero")
 
-    def __init__(self, block: RamBlock, pages: list[int], detect_zero: bool) -> None:
-        self.block = block
-        self.pages = pages
+    def __init__(self, batches: list[tuple[RamBlock, list[int]]], detect_zero: bool) -> None:
+        self.batches = batches
         self.detect_zero = detect_zero
         self.normal = self.zero = 0
 
     def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
-        block = self.block
+        parts: list[Buffer] = []
+        for block, pages in self.batches:
+            self._build_packet(sender, chan, block, pages, parts)
+        return parts
+
+    def _build_packet(self, sender: MultifdSender, chan: _SendChannel, block: RamBlock,
+                      pages: list[int], parts: list[Buffer]) -> None:
         size = block.page_size
         view = block.view
         zero: list[int] = []
         if self.detect_zero:
-            normal, zero = split_zero_pages(view, self.pages, size, block.words)
+            normal, zero = split_zero_pages(view, pages, size, block.words)
         else:
-            normal = [index * size for index in self.pages]
+            normal = [index * size for index in pages]
         compressor = chan.compressor
-        pages_data: list[Buffer] = []
+        payload: Buffer | None = None
         if compressor is not None and normal:
             # the channel's stream runs on across packets
             payload = compressor.compress([view[o:o + size] for o in normal])
-            pages_data = [payload]
             payload_size = len(payload)
         else:
             payload_size = len(normal) * size
@@ -193,10 +199,13 @@ class RamJob(Job):
                            normal_pages=len(normal), next_packet_size=payload_size,
                            packet_num=sender.next_packet_num(), zero_pages=len(zero),
                            ramblock=block.name, offsets=tuple(normal + zero))
-        parts: list[Buffer] = [packet.encode(sender.page_count)]
-        self.normal, self.zero = len(normal), len(zero)
-        if pages_data or compressor is not None:
-            return parts + pages_data
+        parts.append(packet.encode(sender.page_count))
+        self.normal += len(normal)
+        self.zero += len(zero)
+        if compressor is not None:
+            if payload is not None:
+                parts.append(payload)
+            return
         # contiguous normal pages leave as one view
         run_start = run_end = -1
         for off in normal:
@@ -208,7 +217,6 @@ class RamJob(Job):
             run_start, run_end = off, off + size
         if run_start >= 0:
             parts.append(view[run_start:run_end])
-        return parts
 
     def sent(self, sender: MultifdSender) -> None:
         sender.ram_normal_pages += self.normal
@@ -231,6 +239,9 @@ class SyncJob(Job):
         if not self.done.done():
             self.done.set_result(None)
 
+
+#: RAM packets per job (each up to 512 KiB of pages).
+JOB_PACKETS = 4
 
 #: Jobs queued per channel: the next packet waits in the channel's queue while the
 #: current one is being sent, so the socket never idles for a trip through the loop.

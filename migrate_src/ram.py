@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from migrate_src.channels import MainChannel, MultifdSender, RamJob
+from migrate_src.channels import JOB_PACKETS, MainChannel, MultifdSender, RamJob
 from protocol.control import RamEos, RamFlush, RamPages, RamSetup, RamZeroPages
 from vm.ram import GuestRam, RamBlock, is_zero_page
 
@@ -116,26 +116,36 @@ class RamSaveHandler:
         self.on_pass(self.ram.dirty_sync_count)
 
     async def _send_batch(self, *, precopy: bool) -> int:
-        """Hand out one batch; the number of pages, or -1 at the end of the round."""
-        batch = self.ram.next_dirty_batch(self.sender.page_count if self.sender else 128)
-        if batch is None:
+        """Hand out one job of up to JOB_PACKETS packets of dirty pages (one batch on
+        the main channel); the number of pages, or -1 at the end of the round."""
+        count = self.sender.page_count if self.sender else 128
+        batches: list[tuple[RamBlock, list[int]]] = []
+        npages = 0
+        for _ in range(JOB_PACKETS if self.sender is not None else 1):
+            batch = self.ram.next_dirty_batch(count)
+            if batch is None:
+                break
+            block, pages = batch
+            npages += len(pages)
+            if self.zero_detection == "legacy":
+                pages = await self._send_zero_pages_on_main(block, pages)
+            if pages:
+                batches.append((block, pages))
+        if not npages:
             return -1
-        block, pages = batch
-        self.round_pages += len(pages)
-        nbytes = len(pages) * self.page_size
-        if self.zero_detection == "legacy":
-            pages = await self._send_zero_pages_on_main(block, pages)
-        if pages:
+        self.round_pages += npages
+        nbytes = npages * self.page_size
+        if batches:
             if self.sender is not None:
-                await self.sender.submit(RamJob(block, pages, self.zero_detection == "multifd"))
+                await self.sender.submit(RamJob(batches, self.zero_detection == "multifd"))
             else:
-                await self._send_pages_on_main(block, pages)
+                await self._send_pages_on_main(*batches[0])
         if precopy:
             self.precopy_bytes += nbytes
             await self.pace(nbytes)
         else:
             self.downtime_bytes += nbytes
-        return len(pages)
+        return npages
 
     async def _send_zero_pages_on_main(self, block: RamBlock, pages: list[int]) -> list[int]:
         size = self.page_size

@@ -62,12 +62,20 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
     return True
 
 
+SPREAD: memoryview | None = None  # --spread: receive into one big region, like guest RAM
+_spread_pos = [0]
+
+
 def _recv_blocking(sock: socket.socket, packet: int, counter: list[int]) -> None:
     hdr = memoryview(bytearray(HEADER.size))
     buf = memoryview(bytearray(packet))
     total = 0
     while _recv_exact(sock, hdr):
         HEADER.unpack(hdr)
+        if SPREAD is not None:
+            pos = _spread_pos[0]
+            _spread_pos[0] = (pos + packet) % (len(SPREAD) - packet + 1)
+            buf = SPREAD[pos:pos + packet]
         _recv_exact(sock, buf)
         total += packet
     counter.append(total)
@@ -112,6 +120,7 @@ async def _recv_loop(socks: list[socket.socket], packet: int) -> int:
 
 
 # -- processes ---------------------------------------------------------------------------
+SPREAD_SIZE = 0
 BUFSIZE = 0  # SO_SNDBUF / SO_RCVBUF of every stream; 0 = the kernel's autotuning
 
 
@@ -122,6 +131,13 @@ def _size_buffers(sock: socket.socket, option: int) -> None:
 
 def _receiver(mode: str, port_q: mp.Queue, result_q: mp.Queue, streams: int,
               packet: int) -> None:
+    global SPREAD
+    if SPREAD_SIZE:
+        import mmap
+        region = mmap.mmap(-1, SPREAD_SIZE)
+        region.madvise(mmap.MADV_HUGEPAGE)
+        memoryview(region)[:] = bytes(SPREAD_SIZE)  # pre-faulted, like the daemons' RAM
+        SPREAD = memoryview(region)
     lsock = socket.socket()
     _size_buffers(lsock, socket.SO_RCVBUF)
     lsock.bind(("127.0.0.1", 0))
@@ -193,9 +209,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["loop", "threads"])
     parser.add_argument("--bufsize", default="0",
                         help="SO_SNDBUF/SO_RCVBUF of every stream (0: kernel autotuning)")
+    parser.add_argument("--spread", default="0",
+                        help="threads mode: receive into this much pre-faulted memory, each "
+                             "packet at the next place (like guest RAM), not into one buffer")
     args = parser.parse_args()
-    global BUFSIZE
+    global BUFSIZE, SPREAD_SIZE
     BUFSIZE = parse_size(args.bufsize)
+    SPREAD_SIZE = parse_size(args.spread)
     size, packet = parse_size(args.size), parse_size(args.packet)
     print(f"{'streams':>7} " + " ".join(f"{m:>16}" for m in args.modes) + "   (GB/s, median)")
     for streams in args.streams:

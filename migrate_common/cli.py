@@ -109,9 +109,6 @@ def qmp_address(args: argparse.Namespace) -> Address:
 def run_main(args: argparse.Namespace, make: Any) -> int:
     """Configure logging, pick the loop, build the daemon with ``make()`` and run it."""
     configure_logging(args.log_level, json=args.log_json, trace_packets=args.trace_packets)
-    import os
-    if os.environ.get("MIGRATE_SWITCH"):
-        sys.setswitchinterval(float(os.environ["MIGRATE_SWITCH"]))
     try:
         coro: Coroutine[Any, Any, None] = make()
     except (ConfigError, ValueError) as exc:

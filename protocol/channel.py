@@ -211,7 +211,7 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
                 if targets is None:
                     self._start_sink(claim_buffer(self._allocate, packet.next_packet_size))
                 else:
-                    views = [_target_view(t) for t in targets]
+                    views = [v for v in map(_target_view, targets) if len(v)]  # no empty sinks
                     if sum(len(v) for v in views) != packet.next_packet_size or not views:
                         raise ConfigError(f"ram_target gave {sum(len(v) for v in views)} bytes "
                                           f"for a {packet.next_packet_size}-byte payload")

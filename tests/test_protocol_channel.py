@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 
 import pytest
@@ -415,3 +416,283 @@ def test_garbage_lengths_never_allocate_hugely(alloc: int, normal: int, size: in
         decoder.feed(INIT.encode() + bytes(packet))
     except (RemoteProtocolError, LimitExceededError):
         assert sizes == []
+
+
+# --------------------------------------------------------------------------------------
+# in-place RAM payloads (ram_target) and receiving_body
+
+RAM_PAYLOAD_AT = 64 + 2 * 1344  # stream(): where RAM's pages start
+DEVICE_PAYLOAD_AT = RAM_PAYLOAD_AT + 2 * PAGE + 1344 + 276
+GUEST = 16 * PAGE  # room for every offset used below
+
+
+def page_runs(offsets: tuple[int, ...], page_size: int = PAGE) -> list[tuple[int, int]]:
+    """[start, stop) byte ranges of the runs of consecutive offsets, in packet order."""
+    runs: list[tuple[int, int]] = []
+    for offset in offsets:
+        if runs and runs[-1][1] == offset:
+            runs[-1] = (runs[-1][0], offset + page_size)
+        else:
+            runs.append((offset, offset + page_size))
+    return runs
+
+
+class Guest:
+    """A guest-memory stand-in: ``ram_target`` hands out one view per run of pages,
+    optionally chopped into pieces of at most ``piece`` bytes."""
+
+    def __init__(self, size: int = GUEST, piece: int | None = None) -> None:
+        self.mem = bytearray(size)
+        self.piece = piece
+        self.calls: list[RamPacket] = []
+
+    def __call__(self, packet: RamPacket) -> list[memoryview]:
+        self.calls.append(packet)
+        view = memoryview(self.mem)
+        out = []
+        for start, stop in page_runs(packet.normal_offsets):
+            step = self.piece or stop - start
+            out.extend(view[a : min(a + step, stop)] for a in range(start, stop, step))
+        return out
+
+
+def in_place_expected() -> list[tuple[object, ...]]:
+    return [e if e[:2] != ("ram", RAM) else ("ram", RAM, b"", True) for e in EXPECTED]
+
+
+def plain_in_place(events: list[ChannelEvent]) -> list[tuple[object, ...]]:
+    """Like plain(), but in-place RAM events keep their flag."""
+    out = plain(events)
+    for i, e in enumerate(events):
+        if isinstance(e, RamPacketReceived) and e.in_place:
+            out[i] = (*out[i], True)
+    return out
+
+
+def test_ram_target_receives_pages_in_place() -> None:
+    guest = Guest()
+    sizes, allocate = _guarded_allocate(5000)
+    decoder = ChannelDecoder(ram_target=guest, allocate=allocate)  # type: ignore[arg-type]
+    events = decoder.feed(stream())
+    assert plain_in_place(events) == in_place_expected()
+    ram_event = events[2]
+    assert isinstance(ram_event, RamPacketReceived) and ram_event.in_place
+    assert ram_event.payload.nbytes == 0
+    # RAM's offsets 0x1000 and 0x5000 are two runs: one view each, filled in order
+    assert guest.mem[0x1000:0x2000] == PAGES[:PAGE] and guest.mem[0x5000:0x6000] == PAGES[PAGE:]
+    assert guest.mem.count(0) == GUEST - 2 * PAGE + PAGES.count(0)
+    # only the packet with a payload asks; the device payload still uses allocate
+    assert guest.calls == [RAM] and sizes == [5000]
+    assert decoder.eof() == [ChannelClosed()] and decoder.packets_received == 5
+
+
+@pytest.mark.parametrize("piece", [None, 1, 100, 4095, 4096, 5000])
+@pytest.mark.parametrize("sizes", [[1], [7], [13, 1, 300], [1344 + 100], [65536]])
+def test_ram_target_chunkings_and_view_splits(piece: int | None, sizes: list[int]) -> None:
+    guest = Guest(piece=piece)
+    decoder = ChannelDecoder(ram_target=guest)
+    assert plain_in_place(feed_chunked(decoder, stream(), sizes)) == in_place_expected()
+    assert guest.mem[0x1000:0x2000] + guest.mem[0x5000:0x6000] == PAGES
+    assert decoder.eof() == [ChannelClosed()]
+
+
+def test_ram_target_one_run_for_consecutive_pages() -> None:
+    packet = RamPacket(0, 128, 3, 3 * PAGE, 1, 1, "pc.ram", (0x3000, 0x4000, 0x5000, 0))
+    guest = Guest()
+    views: list[int] = []
+
+    def target(p: RamPacket) -> list[memoryview]:
+        out = guest(p)
+        views.append(len(out))
+        return out
+
+    data = bytes(range(251)) * 49  # 12299 bytes, no period of 4096
+    decoder = ChannelDecoder(ram_target=target, expect_init=False)
+    (event,) = decoder.feed(packet.encode(128) + data[: 3 * PAGE])
+    assert event == RamPacketReceived(packet, memoryview(b""), in_place=True)
+    assert views == [1] and guest.mem[0x3000:0x6000] == data[: 3 * PAGE]
+
+
+def test_ram_target_none_falls_back_to_allocate() -> None:
+    asked: list[RamPacket] = []
+    sizes, allocate = _guarded_allocate(2 * PAGE)
+
+    def target(packet: RamPacket) -> None:
+        asked.append(packet)
+        return None
+
+    decoder = ChannelDecoder(ram_target=target, allocate=allocate)  # type: ignore[arg-type]
+    events = decoder.feed(stream())
+    assert plain(events) == EXPECTED
+    ram_event = events[2]
+    assert isinstance(ram_event, RamPacketReceived) and not ram_event.in_place
+    assert asked == [RAM] and sizes == [2 * PAGE, 5000]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "got"),
+    [
+        ([], 0),
+        ([PAGE], PAGE),
+        ([PAGE, PAGE - 1], 2 * PAGE - 1),
+        ([PAGE, PAGE + 1], 2 * PAGE + 1),
+        ([3 * PAGE], 3 * PAGE),
+    ],
+)
+def test_ram_target_wrong_total_is_misuse(lengths: list[int], got: int) -> None:
+    mem = memoryview(bytearray(4 * PAGE))
+    views = [mem[:n] for n in lengths]
+    decoder = ChannelDecoder(ram_target=lambda p: views)
+    with pytest.raises(ConfigError, match=f"ram_target gave {got} bytes for a 8192-byte payload"):
+        decoder.feed(INIT.encode() + RAM.encode(128))
+    with pytest.raises(SequenceError, match="after an error"):
+        decoder.buffer()
+
+
+def test_ram_target_readonly_view_is_misuse() -> None:
+    decoder = ChannelDecoder(ram_target=lambda p: [memoryview(bytes(2 * PAGE))])
+    with pytest.raises(ConfigError, match="read-only"):
+        decoder.feed(INIT.encode() + RAM.encode(128))
+
+
+@pytest.mark.parametrize("method", [PacketFlags.ZLIB, PacketFlags.ZSTD])
+def test_compressed_packets_never_call_ram_target(method: PacketFlags) -> None:
+    packet = RamPacket(method, 128, 2, 77, 4, 0, "mem", (0, 0x1000))
+    guest = Guest()
+    decoder = ChannelDecoder(compression=method, ram_target=guest)
+    events = decoder.feed(INIT.encode() + packet.encode(128) + b"z" * 77 + SYNC.encode(128))
+    assert plain(events)[1:] == [("ram", packet, b"z" * 77), ("ram", SYNC, b"")]
+    assert isinstance(events[1], RamPacketReceived) and not events[1].in_place
+    assert guest.calls == [] and not any(guest.mem)
+
+
+@pytest.mark.parametrize("piece", [None, 1000, 3000])
+@pytest.mark.parametrize("got", [0, 1, 100, PAGE - 1, PAGE, PAGE + 1, PAGE + 1000, 2 * PAGE - 1])
+def test_in_place_truncation_counts_every_run(piece: int | None, got: int) -> None:
+    decoder = ChannelDecoder(ram_target=Guest(piece=piece), channel="multifd/3")
+    decoder.feed(stream()[: RAM_PAYLOAD_AT + got])
+    with pytest.raises(ChannelError) as info:
+        decoder.eof()
+    assert str(info.value) == f"truncated RAM packet payload: got {got} of 8192 bytes"
+    assert info.value.channel == "multifd/3"
+
+
+def test_in_place_truncation_at_every_offset_matches_buffer_path() -> None:
+    data = stream()
+    for cut in range(RAM_PAYLOAD_AT, RAM_PAYLOAD_AT + 2 * PAGE):
+        messages = []
+        for decoder in (ChannelDecoder(), ChannelDecoder(ram_target=Guest(piece=777))):
+            feed_chunked(decoder, data[:cut], [5000])
+            with pytest.raises(ChannelError) as info:
+                decoder.eof()
+            messages.append(str(info.value))
+        assert messages[0] == messages[1], cut
+
+
+def _body_ranges(piece: int | None) -> list[tuple[int, int]]:
+    """[start, stop) stream positions where buffer() is the rest of one body (with
+    ram_target: of one view) -- stream()'s RAM pages and device payload."""
+    if piece is None:
+        ram = [(RAM_PAYLOAD_AT, RAM_PAYLOAD_AT + 2 * PAGE)]
+    else:
+        ram = [
+            (RAM_PAYLOAD_AT + run + a, RAM_PAYLOAD_AT + run + min(a + piece, PAGE))
+            for run in (0, PAGE)  # RAM's two runs
+            for a in range(0, PAGE, piece)
+        ]
+    return [*ram, (DEVICE_PAYLOAD_AT, DEVICE_PAYLOAD_AT + 5000)]
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_receiving_body_exactly_while_buffer_is_rest_of_body(in_place: bool) -> None:
+    piece = 3000 if in_place else None
+    decoder = ChannelDecoder(ram_target=Guest(piece=piece) if in_place else None)
+    ranges = _body_ranges(piece)
+    data = stream()
+    assert DEVICE_PAYLOAD_AT + 5000 + 1344 == len(data)
+    for pos in range(len(data)):
+        inside = [stop for start, stop in ranges if start <= pos < stop]
+        assert decoder.receiving_body == bool(inside), pos
+        if inside:
+            assert len(decoder.buffer()) == inside[0] - pos, pos
+        decoder.buffer()[:1] = data[pos : pos + 1]
+        decoder.advance(1)
+    assert not decoder.receiving_body
+    assert decoder.eof() == [ChannelClosed()]
+
+
+def test_receiving_body_with_header_and_payload_in_one_recv() -> None:
+    decoder = ChannelDecoder(ram_target=Guest())
+    assert not decoder.receiving_body
+    decoder.feed(INIT.encode() + RAM.encode(128) + PAGES[:100])
+    assert decoder.receiving_body and len(decoder.buffer()) == PAGE - 100
+    decoder.feed(PAGES[100:PAGE])
+    assert decoder.receiving_body and len(decoder.buffer()) == PAGE  # the second run
+    decoder.feed(PAGES[PAGE:])
+    assert not decoder.receiving_body
+
+
+@st.composite
+def ram_streams(draw: st.DrawFn) -> tuple[list[RamPacket], bytes]:
+    """A few RAM packets (SYNCs, zero-only, pages in any order) with their payloads."""
+    packets: list[RamPacket] = []
+    wire: list[bytes] = []
+    for num in range(draw(st.integers(1, 6))):
+        if draw(st.integers(0, 4)) == 0:
+            packet = RamPacket.sync_packet(num)
+            payload = b""
+        else:
+            pages = draw(st.lists(st.integers(0, 15), unique=True, max_size=10))
+            if draw(st.booleans()):
+                pages.sort()  # long runs, as the first round sends
+            normal = draw(st.integers(0, len(pages)))
+            packet = RamPacket(0, 128, normal, normal * PAGE, num, len(pages) - normal, "pc.ram",
+                               tuple(p * PAGE for p in pages))
+            seed = draw(st.integers(0, 2**32))
+            payload = random.Random(seed).randbytes(normal * PAGE)
+        packets.append(packet)
+        wire.append(packet.encode(128) + payload)
+    return packets, b"".join(wire)
+
+
+@settings(max_examples=80, deadline=None)
+@given(ram_streams(), st.lists(st.integers(1, 9000), min_size=1, max_size=20),
+       st.sampled_from([None, 1000, 4096, 5000]))
+def test_in_place_and_buffer_paths_write_the_same_bytes(
+    case: tuple[list[RamPacket], bytes], sizes: list[int], piece: int | None
+) -> None:
+    packets, data = case
+    # buffer path: the caller copies each payload to its offsets
+    by_buffer = bytearray(GUEST)
+    events = feed_chunked(ChannelDecoder(expect_init=False), data, sizes)
+    for event in events:
+        assert isinstance(event, RamPacketReceived) and not event.in_place
+        for i, offset in enumerate(event.packet.normal_offsets):
+            by_buffer[offset : offset + PAGE] = event.payload[i * PAGE : (i + 1) * PAGE]
+    # in-place path: the decoder receives straight into the guest's views
+    guest = Guest(piece=piece)
+    in_place = feed_chunked(ChannelDecoder(expect_init=False, ram_target=guest), data, sizes)
+    assert [e.packet for e in in_place] == [e.packet for e in events] == packets  # type: ignore[union-attr]
+    for event in in_place:
+        assert isinstance(event, RamPacketReceived)
+        assert event.in_place == bool(event.packet.next_packet_size)
+        assert event.payload.nbytes == 0
+    assert guest.calls == [p for p in packets if p.next_packet_size]
+    assert guest.mem == by_buffer
+
+
+@pytest.mark.parametrize("empty_at", [0, 1, 2])
+def test_ram_target_empty_views_are_skipped(empty_at: int) -> None:
+    """An empty view among the runs must not become an empty buffer() (a receiver's
+    recv_into would return 0 and look like EOF) nor hold back the event."""
+    mem = memoryview(bytearray(2 * PAGE))
+    views = [mem[:PAGE], mem[PAGE:]]
+    views.insert(empty_at, mem[:0])
+    decoder = ChannelDecoder(ram_target=lambda p: views)
+    decoder.feed(INIT.encode() + RAM.encode(128))
+    assert len(decoder.buffer()) == PAGE
+    assert decoder.feed(PAGES[:PAGE]) == []
+    assert len(decoder.buffer()) == PAGE
+    (event,) = decoder.feed(PAGES[PAGE:])
+    assert isinstance(event, RamPacketReceived) and event.in_place
+    assert bytes(mem) == PAGES and not decoder.receiving_body

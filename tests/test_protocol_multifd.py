@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import uuid
 
@@ -631,3 +632,87 @@ def test_garbage_ram_counts(alloc: int, normal: int, size: int, zero: int, flags
         return
     assert packet.normal_pages + packet.zero_pages <= packet.pages_alloc <= 128
     assert packet.next_packet_size <= max_compressed_size(128, 4096)
+
+
+# --------------------------------------------------------------------------------------
+# offsets: encode rejects what is not a uint64, decode names the first bad index
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [-1, -4096, 1 << 64, (1 << 64) + 4096, 1 << 100, 4096.0, 0.5, float("nan"), "4096", b"\0", None],
+    ids=repr,
+)
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_ram_encode_rejects_non_uint64_offsets(bad: object, index: int) -> None:
+    offsets: list[object] = [0x1000, 0x3000, 0x8000]
+    offsets[index] = bad
+    packet = RamPacket(**_ram(offsets=tuple(offsets)))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=re.escape(f"RAM packet offset {bad!r} is not a uint64")):
+        packet.encode(128)
+
+
+RAM_OFFSETS_AT = 12 + 308  # header + fixed body fields
+
+
+def test_ram_encode_offset_limits() -> None:
+    top = (1 << 64) - 1
+    wire = RamPacket(**_ram(offsets=(0, top, 0x8000))).encode(128)  # type: ignore[arg-type]
+    assert wire[RAM_OFFSETS_AT : RAM_OFFSETS_AT + 24] == h("""
+        0000000000000000 ffffffffffffffff 0000000000008000""")
+    # the decoder then rejects it: misaligned (no block) or beyond the block
+    with pytest.raises(RemoteProtocolError, match=r"offset\[1\] 0xffffffffffffffff .* not aligned"):
+        RamPacket.decode(wire, page_count=128, page_size=4096)
+
+
+BAD_DECODED_OFFSETS = [
+    # (offsets, with block_size, expected message)
+    ((0x1001, 0x2000, 0x3000), True, r"offset\[0\] 0x1001 in 'mem' is not aligned to the 4096-byte"),
+    ((0x1000, 0x2000, 0x3800), True, r"offset\[2\] 0x3800 in 'mem' is not aligned"),
+    ((0x1000, 0x2008, 0x3001), True, r"offset\[1\] 0x2008 in 'mem' is not aligned"),
+    ((0x1000, 0x10000, 0x3000), True, r"offset\[1\] 0x10000 is beyond RAM block 'mem' of 0x10000 bytes"),
+    ((0x1000, 0x20000, 0x3001), True, r"offset\[1\] 0x20000 is beyond"),  # first bad wins
+    ((0x1000, 0x3001, 0x20000), True, r"offset\[1\] 0x3001 in 'mem' is not aligned"),
+    ((0, 0, 0xFFFFFFFFFFFFF000), True, r"offset\[2\] 0xfffffffffffff000 is beyond"),
+    ((0x1000, 0x2000, 0xFFF), False, r"offset\[2\] 0xfff in 'mem' is not aligned"),
+]
+
+
+@pytest.mark.parametrize(("offsets", "sized", "match"), BAD_DECODED_OFFSETS)
+def test_ram_decode_names_first_bad_offset(offsets: tuple[int, ...], sized: bool, match: str) -> None:
+    flags, body = _raw_ram(offsets=offsets)
+    with pytest.raises(RemoteProtocolError, match=match):
+        RamPacket.decode_body(flags, body, page_count=128, page_size=4096,
+                              block_size=_sizes if sized else None)
+
+
+def test_ram_decode_without_block_size_allows_any_aligned_offset() -> None:
+    offsets = (0xFFFFFFFFFFFFF000, 0x10000, 0)
+    flags, body = _raw_ram(offsets=offsets)
+    assert RamPacket.decode_body(flags, body, page_count=128, page_size=4096).offsets == offsets
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.one_of(st.integers(0, 20).map(lambda i: i * 4096), st.integers(0, 0x14000),
+                       st.integers(0, (1 << 64) - 1)), min_size=1, max_size=128),
+    st.sampled_from([4096, 1024, 65536]),
+    st.booleans(),
+)
+def test_ram_decode_offsets_like_the_reference(offsets: list[int], page_size: int, sized: bool) -> None:
+    used = 0x10000
+    n = len(offsets)
+    flags, body = _raw_ram(pages_alloc=n, normal_pages=n, zero_pages=0,
+                           next_packet_size=n * page_size, offsets=tuple(offsets))
+    decode = lambda: RamPacket.decode_body(  # noqa: E731
+        flags, body, page_count=128, page_size=page_size, block_size=_sizes if sized else None)
+    for index, offset in enumerate(offsets):
+        if offset % page_size:
+            with pytest.raises(RemoteProtocolError, match=rf"offset\[{index}\] .* not aligned"):
+                decode()
+            return
+        if sized and offset > used - page_size:
+            with pytest.raises(RemoteProtocolError, match=rf"offset\[{index}\] .* beyond"):
+                decode()
+            return
+    assert decode().offsets == tuple(offsets)

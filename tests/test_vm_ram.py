@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.errors import ConfigError, DeviceError, StateError
 from vm.properties import GiB, KiB, MiB
@@ -22,6 +26,7 @@ from vm.ram import (
     is_zero_page,
     parse_memory_backend,
     parse_memory_option,
+    split_zero_pages,
 )
 
 PS = TARGET_PAGE_SIZE
@@ -509,3 +514,184 @@ def test_file_backend_source_and_private(tmp_path: Path):
     assert (tmp_path / "p" / "pc.ram").read_bytes() == bytes(64 * KiB)  # MAP_PRIVATE
     src.close()
     private.close()
+
+
+# -- zero-page split (source) ------------------------------------------------------------
+
+# where a single non-zero byte sits in a page: split_zero_pages reads the first and the
+# last word directly and only compares the rest
+FIRST_WORD = range(0, 8)
+LAST_WORD = range(PS - 8, PS)
+MIDDLE = range(8, PS - 8)
+
+
+def memory_with(marks: dict[int, tuple[int, int]], npages: int) -> tuple[memoryview, memoryview]:
+    """``npages`` zero pages with byte ``value`` at ``pos`` of page ``index`` for each
+    ``index: (pos, value)``; returns the bytes and the same memory as words."""
+    mem = bytearray(npages * PS)
+    for index, (pos, value) in marks.items():
+        mem[index * PS + pos] = value
+    view = memoryview(mem)
+    return view, view.cast("Q")
+
+
+@pytest.mark.parametrize("pos", [None, 0, 1, 7, 8, 9, 2047, 2048, PS - 9, PS - 8, PS - 2, PS - 1])
+def test_split_zero_pages_golden(pos):
+    marks = {} if pos is None else {1: (pos, 0x80)}
+    view, words = memory_with(marks, 3)
+    normal, zero = split_zero_pages(view, [2, 1, 0], PS, words)
+    if pos is None:
+        assert (normal, zero) == ([], [2 * PS, PS, 0])
+    else:
+        assert (normal, zero) == ([PS], [2 * PS, 0])
+
+
+@st.composite
+def marked_pages(draw):
+    npages = draw(st.integers(1, 12))
+    marks = {}
+    for index in range(npages):
+        where = draw(st.sampled_from(["zero", "first", "last", "middle"]))
+        if where != "zero":
+            region = {"first": FIRST_WORD, "last": LAST_WORD, "middle": MIDDLE}[where]
+            marks[index] = (draw(st.sampled_from(region)), draw(st.integers(1, 255)))
+    pages = draw(st.lists(st.integers(0, npages - 1), max_size=npages))
+    return npages, marks, pages
+
+
+@settings(max_examples=200)
+@given(marked_pages())
+def test_split_zero_pages_agrees_with_is_zero_page(case):
+    npages, marks, pages = case
+    view, words = memory_with(marks, npages)
+    normal, zero = split_zero_pages(view, pages, PS, words)
+    assert normal == [i * PS for i in pages if not is_zero_page(view[i * PS : (i + 1) * PS])]
+    assert zero == [i * PS for i in pages if is_zero_page(view[i * PS : (i + 1) * PS])]
+    assert sorted(normal + zero) == sorted(i * PS for i in pages)
+
+
+def test_split_zero_pages_on_a_block():
+    guest = ram("64K,fill=mixed,seed=4")
+    block = guest.blocks[MAIN_BLOCK]
+    block.page(3)[PS - 1] = 1  # zero or not, page 3 now only differs in its last byte
+    pages = list(range(block.npages))
+    normal, zero = split_zero_pages(block.view, pages, PS, block.words)
+    assert zero == [i * PS for i in pages if is_zero_page(block.page(i))]
+    assert normal == [i * PS for i in pages if not is_zero_page(block.page(i))]
+    assert 3 * PS in normal and zero  # mixed: both kinds present
+
+
+def test_ram_block_words():
+    guest = ram("64K,block=rom:8K")
+    for block in guest.blocks.values():
+        words = block.words
+        assert words is block.words  # cast once, then cached
+        assert words.format == "Q" and words.itemsize == 8 and not words.readonly
+        assert len(words) == block.used_length // 8 and words.nbytes == block.used_length
+    block = guest.blocks["rom"]
+    block.page(1)[8:16] = (0x0102030405060708).to_bytes(8, sys.byteorder)
+    assert block.words[PS // 8 + 1] == 0x0102030405060708
+    block.words[3] = 0xFFFF_FFFF_FFFF_FFFF
+    assert bytes(block.view[24:32]) == b"\xff" * 8
+    guest.close()
+    with pytest.raises(StateError):
+        _ = block.words
+
+
+# -- in-place receive targets (destination) ----------------------------------------------
+
+
+async def test_receive_targets_one_view_per_run():
+    guest = GuestRam(parse_memory_option("64K,block=rom:8K"), role="destination")
+    await guest.prepare()
+    block = guest.blocks[MAIN_BLOCK]
+    offsets = [2 * PS, 3 * PS, 4 * PS, 9 * PS, 0, PS, 11 * PS]
+    views = guest.receive_targets(block, offsets)
+    assert [v.nbytes for v in views] == [3 * PS, PS, 2 * PS, PS]
+    assert all(not v.readonly and v.format == "B" for v in views)
+    # marked received before anything arrives
+    assert guest.received_pages() == len(offsets)
+    # filling the views in order fills the pages at the offsets in order
+    payload = b"".join(bytes([i + 1]) * PS for i in range(len(offsets)))
+    pos = 0
+    for view in views:
+        view[:] = payload[pos : pos + view.nbytes]
+        pos += view.nbytes
+    assert [block.page(o // PS)[0] for o in offsets] == [1, 2, 3, 4, 5, 6, 7]
+    assert is_zero_page(block.page(5)) and is_zero_page(guest.blocks["rom"].view)
+
+    # again, overlapping: only the new pages count
+    guest.receive_targets(block, [PS, 2 * PS, 5 * PS])
+    assert guest.received_pages() == len(offsets) + 1
+
+    # received pages now get memset by a zero page; a never-received one is left alone
+    block.page(12)[:] = b"\xee" * PS
+    guest.zero_pages(block, [2 * PS, 9 * PS, 12 * PS])
+    assert is_zero_page(block.page(2)) and is_zero_page(block.page(9))
+    assert block.page(12)[0] == 0xEE
+    assert block.page(3)[0] == 2  # its neighbour in the run is untouched
+    assert guest.received_pages() == len(offsets) + 2
+    guest.close()
+
+
+def test_receive_targets_other_block_and_empty():
+    guest = ram("64K,block=rom:8K", role="destination")
+    rom = guest.blocks["rom"]
+    (view,) = guest.receive_targets(rom, [PS])
+    view[:] = b"\x05" * PS
+    assert bytes(rom.page(1)) == b"\x05" * PS and is_zero_page(guest.blocks[MAIN_BLOCK].view)
+    assert guest.received_pages() == 1
+    assert guest.receive_targets(rom, []) == [] and guest.received_pages() == 1
+    other = ram("64K", role="destination")
+    with pytest.raises(DeviceError, match="does not belong"):
+        guest.receive_targets(other.blocks[MAIN_BLOCK], [0])
+
+
+BAD_OFFSETS = [
+    ([1], 1),
+    ([0, PS, 2 * PS + 8], 2 * PS + 8),   # misaligned at the end
+    ([PS // 2, 0], PS // 2),              # misaligned first
+    ([0, -PS], -PS),                      # negative
+    ([-1], -1),
+    ([16 * PS], 16 * PS),                 # one past the last page
+    ([0, 15 * PS, 1 << 40], 1 << 40),    # far out
+    ([15 * PS + 8], 15 * PS + 8),         # straddles the end
+    ([17 * PS, 1], 17 * PS),              # the first culprit is named
+]
+
+
+@pytest.mark.parametrize("offsets, culprit", BAD_OFFSETS)
+def test_check_offsets_rejects(offsets, culprit):
+    guest = ram("64K", role="destination")
+    block = guest.blocks[MAIN_BLOCK]
+    message = f"bad page offset {culprit:#x}"
+    for apply in (lambda: guest.receive_targets(block, offsets),
+                  lambda: guest.zero_pages(block, offsets),
+                  lambda: guest.write_pages(block, offsets, bytes(len(offsets) * PS))):
+        with pytest.raises(DeviceError, match=re.escape(message)):
+            apply()
+    assert guest.received_pages() == 0  # nothing marked, nothing written
+
+
+@pytest.mark.parametrize("offsets", [[], [0], [15 * PS], [15 * PS, 0, 7 * PS], list(range(0, 64 * KiB, PS))])
+def test_check_offsets_accepts(offsets):
+    guest = ram("64K", role="destination")
+    guest.receive_targets(guest.blocks[MAIN_BLOCK], offsets)
+    assert guest.received_pages() == len(set(offsets))
+
+
+_CHECKED = ram("64K", role="destination")
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(st.integers(-2, 17).map(lambda i: i * PS),
+                          st.integers(-PS, 17 * PS)), max_size=8))
+def test_check_offsets_like_the_reference(offsets):
+    block = _CHECKED.blocks[MAIN_BLOCK]
+    bad = [o for o in offsets if o % PS or not 0 <= o <= 15 * PS]
+    if bad:
+        with pytest.raises(DeviceError, match=re.escape(f"bad page offset {bad[0]:#x}")):
+            _CHECKED.receive_targets(block, offsets)
+    else:
+        views = _CHECKED.receive_targets(block, offsets)
+        assert sum(v.nbytes for v in views) == len(offsets) * PS

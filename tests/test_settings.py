@@ -1,0 +1,82 @@
+"""migrate_common.settings: x-socket-buffer-size, through the QMP arguments and the CLI text."""
+
+from __future__ import annotations
+
+import pytest
+
+from migrate_common.qmp_client import QmpCommandError
+from migrate_common.settings import PARAMETER_DEFAULTS, MigrationSettings
+from protocol.errors import ConfigError
+
+NAME = "x-socket-buffer-size"
+MiB = 1024 * 1024
+
+
+def test_default_is_auto() -> None:
+    assert PARAMETER_DEFAULTS[NAME] == -1
+    settings = MigrationSettings()
+    assert settings.param(NAME) == -1 and settings.query_parameters()[NAME] == -1
+
+
+@pytest.mark.parametrize("value", [-1, 0, 1, 4096, 262144, 64 * MiB])
+def test_set_parameters_accepts(value: int) -> None:
+    settings = MigrationSettings()
+    settings.set_parameters({NAME: value})
+    assert settings.param(NAME) == value
+    assert settings.snapshot().param(NAME) == value
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (-2, "expects a value between -1 and 67108864"),
+        (-(1 << 40), "between -1 and 67108864"),
+        (64 * MiB + 1, "between -1 and 67108864"),
+        (2**27, "between -1 and 67108864"),
+        (True, "expected: integer"),
+        (False, "expected: integer"),
+        (262144.0, "expected: integer"),
+        ("256K", "expected: integer"),
+        (None, "expected: integer"),
+    ],
+)
+def test_set_parameters_rejects(value: object, message: str) -> None:
+    settings = MigrationSettings()
+    settings.set_parameters({NAME: 65536})
+    with pytest.raises(ConfigError, match=message):
+        # atomic: the valid parameter alongside is not applied either
+        settings.set_parameters({"multifd-channels": 8, NAME: value})
+    assert settings.param(NAME) == 65536 and settings.param("multifd-channels") == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("256K", 262144), ("262144", 262144), ("-1", -1), (" -1", -1), ("0", 0), ("64M", 64 * MiB),
+     ("1M", MiB), ("0.5M", 512 * 1024)],
+)
+def test_set_parameter_text(text: str, value: int) -> None:
+    settings = MigrationSettings()
+    settings.set_parameter_text(NAME, text)
+    assert settings.param(NAME) == value
+
+
+@pytest.mark.parametrize("text", ["-2", "-1K", "65M", "1G", "abc", "", "1.5"])
+def test_set_parameter_text_rejects(text: str) -> None:
+    settings = MigrationSettings()
+    with pytest.raises(ConfigError):
+        settings.set_parameter_text(NAME, text)
+    assert settings.param(NAME) == -1
+
+
+@pytest.mark.e2e
+async def test_over_qmp(pair_factory) -> None:  # type: ignore[no-untyped-def]
+    async with pair_factory([]) as pair:
+        for end in (pair.src, pair.dst):
+            assert (await end.execute("query-migrate-parameters"))[NAME] == -1
+            for value in (-1, 0, 262144):
+                await end.execute("migrate-set-parameters", {NAME: value})
+                assert (await end.execute("query-migrate-parameters"))[NAME] == value
+            for bad in (-2, 2**27, "256K", 1.5):
+                with pytest.raises(QmpCommandError, match=NAME):
+                    await end.execute("migrate-set-parameters", {NAME: bad})
+            assert (await end.execute("query-migrate-parameters"))[NAME] == 262144

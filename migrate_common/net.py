@@ -183,6 +183,24 @@ async def wait_writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) ->
         loop.remove_writer(fd)
 
 
+def drop_sent(views: list[memoryview], sent: int) -> None:
+    """Remove the first ``sent`` bytes from a list of views that a gathered send took."""
+    while sent:
+        head = views[0]
+        if sent >= len(head):
+            sent -= len(head)
+            views.pop(0)
+        else:
+            views[0] = head[sent:]
+            sent = 0
+
+
+def stall_error(what: str, timeout: float) -> ChannelError:
+    """The failure of a send that made no progress for ``x-channel-stall-timeout``."""
+    return ChannelError(f"{what}: the peer accepted no data for {timeout:g} s "
+                        "(x-channel-stall-timeout)", channel=what)
+
+
 async def sendmsg_all(sock: socket.socket, buffers: Sequence[Buffer],
                       stall_timeout: float | None = None, what: str = "channel") -> int:
     """Send every byte of ``buffers`` (gathered, no joining); return the count.
@@ -207,17 +225,9 @@ async def sendmsg_all(sock: socket.socket, buffers: Sequence[Buffer],
                 async with asyncio.timeout(stall_timeout):
                     await wait_writable(loop, sock)
             except TimeoutError:
-                raise ChannelError(f"{what}: the peer accepted no data for {stall_timeout:g} s "
-                                   "(x-channel-stall-timeout)", channel=what) from None
+                raise stall_error(what, stall_timeout) from None
             continue
-        while sent:
-            head = views[0]
-            if sent >= len(head):
-                sent -= len(head)
-                views.pop(0)
-            else:
-                views[0] = head[sent:]
-                sent = 0
+        drop_sent(views, sent)
     return total
 
 
@@ -272,8 +282,7 @@ async def _ssl_send_all(sock: ssl.SSLSocket, views: list[memoryview],
                     async with asyncio.timeout(stall_timeout):
                         await wait
                 except TimeoutError:
-                    raise ChannelError(f"{what}: the peer accepted no data for "
-                                       f"{stall_timeout:g} s (x-channel-stall-timeout)",
-                                       channel=what) from None
+                    assert stall_timeout is not None
+                    raise stall_error(what, stall_timeout) from None
                 continue
             view = view[sent:]

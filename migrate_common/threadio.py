@@ -27,6 +27,7 @@ import ssl
 import struct
 from collections.abc import Sequence
 
+from migrate_common.net import drop_sent, stall_error
 from protocol.errors import ChannelError
 
 __all__ = ["Stopper", "Stopped", "hand_to_thread", "send_all", "recv_into", "size_buffers"]
@@ -88,11 +89,6 @@ _OUT = select.POLLOUT
 _IN = select.POLLIN
 
 
-def _stalled(what: str, timeout: float) -> ChannelError:
-    return ChannelError(f"{what}: the peer accepted no data for {timeout:g} s "
-                        "(x-channel-stall-timeout)", channel=what)
-
-
 def hand_to_thread(sock: socket.socket, stall_timeout: float | None = None) -> None:
     """Prepare a connected socket for its channel thread (see the module docstring)."""
     if isinstance(sock, ssl.SSLSocket):
@@ -127,19 +123,12 @@ def send_all(sock: socket.socket, buffers: Sequence[Buffer], stopper: Stopper,
             if stopper.stopped:
                 raise Stopped from None
             assert stall_timeout is not None
-            raise _stalled(what, stall_timeout) from None
+            raise stall_error(what, stall_timeout) from None
         except OSError:
             if stopper.stopped:
                 raise Stopped from None
             raise
-        while sent:
-            head = views[0]
-            if sent >= len(head):
-                sent -= len(head)
-                views.pop(0)
-            else:
-                views[0] = head[sent:]
-                sent = 0
+        drop_sent(views, sent)
     return total
 
 
@@ -157,7 +146,7 @@ def _ssl_send_all(sock: ssl.SSLSocket, views: list[memoryview], stopper: Stopper
                 events = _OUT if isinstance(exc, ssl.SSLWantWriteError) else _IN
                 if not stopper.wait(sock, events, stall_timeout):
                     assert stall_timeout is not None
-                    raise _stalled(what, stall_timeout) from None
+                    raise stall_error(what, stall_timeout) from None
                 continue
             view = view[sent:]
 

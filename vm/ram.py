@@ -41,6 +41,7 @@ import random
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import reduce
 from operator import or_
@@ -989,19 +990,45 @@ class GuestRam:
     # -- digests -----------------------------------------------------------------
 
     def digest(self) -> str:
-        """Hex xxh3-128 over every block in order: name, length, then content."""
+        """Hex xxh3-128 over every block in order: name, length, then the xxh3-128 of
+        each DIGEST_CHUNK of its content.
+
+        The chunks are hashed by up to DIGEST_THREADS threads at once (xxhash releases
+        the GIL): on the destination this hash is part of the downtime, and with two
+        cores it takes about half as long as one sequential pass.
+        """
         if self._state != "prepared":
             raise StateError(f"guest RAM is {self._state}, not prepared", state=self._state)
+        chunks = [block.view[start:start + DIGEST_CHUNK]
+                  for block in self._block_list
+                  for start in range(0, block.used_length, DIGEST_CHUNK)]
+        workers = min(DIGEST_THREADS, len(chunks))
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="ram-digest") as pool:
+                parts = list(pool.map(_chunk_digest, chunks))
+        else:
+            parts = [_chunk_digest(c) for c in chunks]
         h = xxhash.xxh3_128()
+        it = iter(parts)
         for block in self._block_list:
             name = block.name.encode("utf-8")
             h.update(len(name).to_bytes(1, "big") + name + block.used_length.to_bytes(8, "big"))
-            h.update(block.view)
+            for _ in range(0, block.used_length, DIGEST_CHUNK):
+                h.update(next(it))
         return h.hexdigest()
 
     async def digest_async(self) -> str:
-        """:meth:`digest` in a worker thread (~30 ms per GiB)."""
+        """:meth:`digest` in a worker thread (~30 ms per GiB on one core)."""
         return await asyncio.to_thread(self.digest)
+
+
+#: RAM digest: content is hashed in chunks of this size, by this many threads.
+DIGEST_CHUNK: Final = 64 * MiB
+DIGEST_THREADS: Final = max(1, min(4, os.cpu_count() or 1))
+
+
+def _chunk_digest(view: memoryview) -> bytes:
+    return xxhash.xxh3_128_digest(view)
 
 
 # bytes < 128 -> 1 ("make this page zero"), else 0: about half of a random byte map.

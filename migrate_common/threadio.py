@@ -92,6 +92,9 @@ _IN = select.POLLIN
 def hand_to_thread(sock: socket.socket, stall_timeout: float | None = None) -> None:
     """Prepare a connected socket for its channel thread (see the module docstring)."""
     if isinstance(sock, ssl.SSLSocket):
+        # a blocking SSLSocket would wait inside OpenSSL's write loop, deaf to
+        # SO_SNDTIMEO and to the stopper: TLS threads poll instead
+        sock.setblocking(False)
         return
     sock.setblocking(True)
     if stall_timeout is not None:

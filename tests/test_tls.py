@@ -90,3 +90,80 @@ async def test_unknown_tls_object_is_refused(pair_factory):
                              extra_params={"tls-creds": "tls9"})
         with pytest.raises(Exception, match="no such object"):
             await pair.src.execute("migrate", {"uri": await pair.uri()})
+
+
+def _tls_pair(pki: Path):
+    """A connected TLS pair over loopback TCP with small buffers (client, server)."""
+    import socket
+    import ssl
+    import threading
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pki / "server-cert.pem", pki / "server-key.pem")
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(pki / "ca-cert.pem")
+    client_ctx.check_hostname = False
+    listener = socket.create_server(("127.0.0.1", 0))
+    raw_client = socket.socket()
+    raw_client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    raw_client.connect(listener.getsockname())
+    raw_server, _ = listener.accept()
+    raw_server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.close()
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault(
+        "server", server_ctx.wrap_socket(raw_server, server_side=True)))
+    t.start()
+    client = client_ctx.wrap_socket(raw_client)
+    t.join(5)
+    return client, out["server"]
+
+
+def test_tls_channel_thread_io_stall_and_stop(pki):
+    """The channel threads' blocking TLS I/O: exact bytes, the stall timeout when the
+    peer stops reading, and a stop that ends a blocked receive."""
+    import threading
+    import time
+
+    from migrate_common.threadio import Stopped, Stopper, hand_to_thread, recv_into, send_all
+    from protocol.errors import ChannelError
+
+    client, server = _tls_pair(pki)
+    try:
+        hand_to_thread(client, stall_timeout=0.3)
+        hand_to_thread(server)
+        assert send_all(client, [b"head", b"payload"], Stopper(client), 0.3, "ch") == 11
+        buf = bytearray(11)
+        got = 0
+        while got < 11:
+            got += recv_into(server, memoryview(buf)[got:], Stopper(server))
+        assert bytes(buf) == b"headpayload"
+        start = time.monotonic()
+        with pytest.raises(ChannelError, match="x-channel-stall-timeout"):
+            send_all(client, [bytes(8 << 20)], Stopper(client), 0.3, "ch")
+        assert time.monotonic() - start < 10
+    finally:
+        client.close()
+        server.close()
+
+    client, server = _tls_pair(pki)
+    try:
+        hand_to_thread(server)
+        stopper = Stopper(server)
+        result = []
+
+        def blocked() -> None:
+            try:
+                recv_into(server, memoryview(bytearray(100)), stopper)
+            except Stopped:
+                result.append("stopped")
+
+        t = threading.Thread(target=blocked)
+        t.start()
+        time.sleep(0.2)
+        stopper.stop()
+        t.join(2)
+        assert result == ["stopped"]
+    finally:
+        client.close()
+        server.close()

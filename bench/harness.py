@@ -30,6 +30,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from migrate_common.qmp_client import QmpClient, QmpConnectionError  # noqa: E402
+from migrate_ctl.pair import DaemonProcess  # noqa: E402
+from migrate_ctl.progress import human_bytes  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -52,11 +54,7 @@ def size_text(n: int) -> str:
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.4g} {unit}"
-        n /= 1024
-    return f"{n:.4g} TiB"
+    return human_bytes(n, ".4g")
 
 
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(bit|bps)?\s*$", re.IGNORECASE)
@@ -265,15 +263,10 @@ def child_pids(pid: int) -> list[int]:
 
 
 @dataclass
-class Daemon:
+class Daemon(DaemonProcess):
     """One daemon process (maybe under ``ip netns exec`` and/or py-spy) and its QMP."""
 
-    side: str
-    proc: asyncio.subprocess.Process
-    qmp_path: Path
-    log_path: Path
-    profiled: bool
-    client: QmpClient = field(default_factory=QmpClient)
+    profiled: bool = False
 
     @property
     def pid(self) -> int:
@@ -284,16 +277,7 @@ class Daemon:
                 return kids[0]
         return self.proc.pid
 
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        return await self.client.execute(command, arguments)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    async def stop(self, timeout: float = 30.0) -> None:
+    async def stop(self, timeout: float = 30.0) -> None:  # type: ignore[override]
         await self.client.close()
         if self.proc.returncode is not None:
             return
@@ -367,7 +351,7 @@ async def start_daemon(side: str, workdir: Path, args: list[str], launch: Launch
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, cwd=str(ROOT),
             env=env, preexec_fn=_die_with_parent)
-    daemon = Daemon(side, proc, qmp_path, log_path, profiled)
+    daemon = Daemon(side, proc, qmp_path, log_path, profiled=profiled)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + startup_timeout
     while True:

@@ -19,12 +19,12 @@ __all__ = ["Bar", "human_bytes", "progress_line", "watch", "summary_lines", "FIN
 FINAL_STATES = ("completed", "failed", "cancelled")
 
 
-def human_bytes(n: float) -> str:
+def human_bytes(n: float, fmt: str = ".1f") -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:{fmt}} {unit}"
         n /= 1024
-    return f"{n:.1f} TiB"
+    return f"{n:{fmt}} TiB"
 
 
 def _rate(n_bytes: float, seconds: float) -> str:

@@ -41,7 +41,7 @@ from protocol.control import (
 from protocol.compression import PacketCompressor
 from protocol.errors import ChannelError, RemoteProtocolError, SequenceError
 from protocol.multifd import ChannelInit, RamPacket, ram_page_count
-from vm.ram import RamBlock, split_zero_pages
+from vm.ram import RamBlock, page_runs, split_zero_pages
 
 __all__ = ["MainChannel", "MultifdSender", "ChannelStats", "Job", "DeviceStateJob", "RamJob",
            "SyncJob", "JOB_PACKETS"]
@@ -207,16 +207,7 @@ class RamJob(Job):
                 parts.append(payload)
             return
         # contiguous normal pages leave as one view
-        run_start = run_end = -1
-        for off in normal:
-            if off == run_end:
-                run_end += size
-                continue
-            if run_start >= 0:
-                parts.append(view[run_start:run_end])
-            run_start, run_end = off, off + size
-        if run_start >= 0:
-            parts.append(view[run_start:run_end])
+        parts.extend(view[start:stop] for _, _, start, stop in page_runs(normal, size))
 
     def sent(self, sender: MultifdSender) -> None:
         sender.ram_normal_pages += self.normal

@@ -100,6 +100,24 @@ _BOOL_WORDS: Final[dict[str, bool]] = {
 }
 
 
+def page_runs(offsets: Sequence[int], page_size: int) -> list[tuple[int, int, int, int]]:
+    """Maximal runs of consecutive page offsets: (first index, end index, start byte,
+    stop byte) — one memcpy, one receive or one send view per run; the first round
+    and sequential writers give long runs."""
+    runs = []
+    i, n = 0, len(offsets)
+    while i < n:
+        start = offsets[i]
+        j = i + 1
+        stop = start + page_size
+        while j < n and offsets[j] == stop:
+            j += 1
+            stop += page_size
+        runs.append((i, j, start, stop))
+        i = j
+    return runs
+
+
 def split_zero_pages(view: memoryview, pages: Sequence[int], page_size: int,
                      words: memoryview) -> tuple[list[int], list[int]]:
     """Byte offsets of the normal and of the all-zero pages among page indices
@@ -875,23 +893,6 @@ class GuestRam:
                     f"(used_length {block.used_length:#x}, page size {ps})"
                 )
 
-    @staticmethod
-    def _runs(offsets: Sequence[int], ps: int) -> list[tuple[int, int, int, int]]:
-        """Maximal runs of consecutive page offsets: (first index, end index, start
-        byte, stop byte); the first round and sequential writers give long runs."""
-        runs = []
-        i, n = 0, len(offsets)
-        while i < n:
-            start = offsets[i]
-            j = i + 1
-            stop = start + ps
-            while j < n and offsets[j] == stop:
-                j += 1
-                stop += ps
-            runs.append((i, j, start, stop))
-            i = j
-        return runs
-
     def write_pages(self, block: RamBlock, offsets: Sequence[int],
                     payload: memoryview | bytes | bytearray) -> None:
         """Copy ``payload`` page ``i`` to byte offset ``offsets[i]`` of ``block``; mark received.
@@ -911,7 +912,7 @@ class GuestRam:
             )
         self._check_offsets(block, offsets)
         view = block.view
-        runs = self._runs(offsets, ps)
+        runs = page_runs(offsets, ps)
         for i, j, start, stop in runs:
             view[start:stop] = data[i * ps : j * ps]
         self._mark_runs(block, runs)
@@ -928,7 +929,7 @@ class GuestRam:
         self._own(block)
         self._check_offsets(block, offsets)
         view = block.view
-        runs = self._runs(offsets, self.page_size)
+        runs = page_runs(offsets, self.page_size)
         self._mark_runs(block, runs)
         return [view[start:stop] for _, _, start, stop in runs]
 

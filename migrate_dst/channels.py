@@ -1,13 +1,17 @@
 """Receive channels: one per multifd channel (wire → receive thread → reassembly).
 
 Each channel has a thread that owns its socket and a sans-I/O
-:class:`~protocol.channel.ChannelDecoder`: it receives straight into the buffer the
-decoder asks for — for a device-state payload that is a pooled buffer, so the bytes
-are never copied before the load task writes them into the device — and passes every
-complete packet to the channel's task on the event loop, which hands it to its
-owner's ``load_state_buffer`` (device state) or applies it (RAM).  The thread runs at
-most ``AHEAD`` packets ahead of the task, so a slow consumer stops the reading and
-TCP flow control stops the sender: memory per channel stays bounded.
+:class:`~protocol.channel.ChannelDecoder`, and receives straight into the buffer the
+decoder asks for:
+
+* device state: when a packet's VFIO header has arrived, the device's reassembly
+  says where its data belongs (``claim``) — usually a place in the device's own
+  resume image, so the bytes are never copied — else it goes into a pooled buffer;
+  the thread then queues the packet for the device's load thread itself;
+* RAM: pages go straight into guest memory, and the thread applies the packet;
+* SYNC and compressed RAM packets go to the channel's task on the event loop, and
+  the thread runs at most ``AHEAD`` such packets ahead of it.
+
 ``BufferPool`` recycles payload buffers so steady-state receiving allocates nothing.
 """
 
@@ -27,6 +31,8 @@ from protocol.channel import (
     DeviceStateReceived,
     RamPacketReceived,
 )
+from protocol.multifd import DeviceStateHeader
+from protocol.vfio import VFIO_STATE_PACKET_HEADER
 from protocol.compression import PacketDecompressor, method_flag
 from protocol.errors import ChannelError, SequenceError, UnknownDeviceError
 
@@ -72,6 +78,10 @@ def _no_ram(name: str) -> int | None:
     return None
 
 
+def _nothing() -> None:
+    pass
+
+
 class ReceiveChannel:
     """One multifd channel of an incoming migration, after its init was accepted."""
 
@@ -90,7 +100,9 @@ class ReceiveChannel:
                                       block_size=block_size, channel=f"multifd {channel_id}",
                                       compression=method_flag(compression),
                                       ram_target=ram.receive_targets
-                                      if ram is not None and compression == "none" else None)
+                                      if ram is not None and compression == "none" else None,
+                                      device_target=self._device_target,
+                                      device_prefix=VFIO_STATE_PACKET_HEADER.size)
         self.pool = pool
         self.lookup = lookup
         self.log = log.bind(channel=channel_id)
@@ -119,9 +131,7 @@ class ReceiveChannel:
                 event = await delivered.get()
                 if isinstance(event, BaseException):
                     raise event
-                if isinstance(event, DeviceStateReceived):
-                    self._on_device_state(event)
-                elif isinstance(event, RamPacketReceived):
+                if isinstance(event, RamPacketReceived):
                     await self._on_ram(event)
                 elif isinstance(event, ChannelClosed):
                     self.closed = True
@@ -153,6 +163,9 @@ class ReceiveChannel:
                 for event in decoder.eof() if n == 0 else decoder.advance(n):
                     if isinstance(event, (DeviceStateReceived, RamPacketReceived)):
                         self.packets += 1
+                    if isinstance(event, DeviceStateReceived):
+                        self._on_device_state(event)
+                        continue
                     if (ram is not None and isinstance(event, RamPacketReceived)
                             and not event.packet.is_sync
                             and (event.in_place or not event.packet.normal_pages)):
@@ -196,21 +209,39 @@ class ReceiveChannel:
             # polling threads wake on the stopper; one in a non-blocking call ends soon
             self._thread.join(timeout=5)
 
-    def _on_device_state(self, event: DeviceStateReceived) -> None:
-        header = event.header
-        # the payload is a view of the pooled buffer the decoder took from allocate()
-        buf = event.payload.obj
-        assert isinstance(buf, bytearray)
-        if TRACE.packets:
-            self.log.debug("<- device state", idstr=header.idstr, size=header.payload_size)
+    def _handler(self, header: DeviceStateHeader) -> Any:
         handler = self.lookup(header.idstr, header.instance_id)
         if handler is None:
-            self.pool.give(buf)
             raise UnknownDeviceError(f"multifd channel {self.id}: device-state packet for "
                                      f"unknown device {header.idstr!r} instance "
                                      f"{header.instance_id}")
+        return handler
+
+    def _device_target(self, header: DeviceStateHeader, prefix: memoryview
+                       ) -> memoryview | None:
+        """Decoder hook (receive thread): where the packet's data goes."""
+        target: memoryview | None = self._handler(header).claim(prefix, header.payload_size)
+        return target
+
+    def _on_device_state(self, event: DeviceStateReceived) -> None:
+        """A whole device-state packet (receive thread): queue it for its device."""
+        header = event.header
+        if TRACE.packets:
+            self.log.debug("<- device state", idstr=header.idstr, size=header.payload_size,
+                           in_place=event.in_place)
+        handler = self._handler(header)
+        if event.in_place:
+            handler.load_state_buffer(event.payload, _nothing, header.payload_size)
+            return
+        # the payload is a view of the pooled buffer the decoder took from allocate()
+        buf = event.payload.obj
+        assert isinstance(buf, bytearray)
         pool = self.pool
-        handler.load_state_buffer(event.payload, lambda: pool.give(buf))
+        try:
+            handler.load_state_buffer(event.payload, lambda: pool.give(buf))
+        except BaseException:
+            pool.give(buf)
+            raise
 
     def _trace_ram(self, event: RamPacketReceived) -> None:
         p = event.packet

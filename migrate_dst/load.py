@@ -20,18 +20,36 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from migrate_dst.reassembly import Reassembly
+from migrate_dst.reassembly import QueuedBuffer, Reassembly
 from migrate_common.funnel import Funnel
 from protocol.control import VfioRecord
-from protocol.errors import DeviceError, SequenceError
-from protocol.vfio import VfioMigFlag, decode_config_blob, decode_state_packet
+from protocol.errors import DeviceError, LimitExceededError, SequenceError
+from protocol.vfio import (
+    MAX_DATA_BUFFER_SIZE,
+    VFIO_STATE_PACKET_HEADER,
+    VfioMigFlag,
+    VfioStatePacketHeader,
+    decode_config_blob,
+    decode_state_packet,
+)
 from vm.vfio_sim import DeviceState, VfioSimDevice
 
 __all__ = ["VfioLoadHandler", "SectionKind"]
+
+
+def _settle(future: asyncio.Future[QueuedBuffer], outcome: QueuedBuffer | BaseException
+            ) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 class SectionKind(enum.Enum):
@@ -54,6 +72,7 @@ class VfioLoadHandler:
         self._on_ack = on_ack
         self.reassembly: Reassembly | None = None
         self.load_task: asyncio.Task[None] | None = None
+        self._load_thread: threading.Thread | None = None
         self._config_load_ready = asyncio.Event()
         self._config_loaded = False
         self._init_data_seen = False
@@ -78,7 +97,7 @@ class VfioLoadHandler:
             self.reassembly = Reassembly(
                 self.device.id, max_count=cfg.max_queued_buffers,
                 max_bytes=cfg.max_queued_buffers_size,
-                capacity=cfg.precopy_size + cfg.state_size)
+                capacity=cfg.precopy_size + cfg.state_size, target=self.device.resume_target)
 
     # -- main channel -------------------------------------------------------------------
     async def load_state(self, kind: SectionKind, record: VfioRecord,
@@ -133,41 +152,108 @@ class VfioLoadHandler:
         raise SequenceError(f"device {dev}: unknown VFIO marker {marker!r}")
 
     # -- multifd ------------------------------------------------------------------------
-    def load_state_buffer(self, payload: memoryview, release: Callable[[], None]) -> None:
-        """A device-state packet for this device arrived on some multifd channel."""
+    def claim(self, prefix: memoryview, payload_size: int) -> memoryview | None:
+        """A device-state packet's VFIO header arrived (receive thread): where its data
+        goes in the device, or None to receive it into a buffer."""
+        header = VfioStatePacketHeader.decode(prefix)
+        size = self._data_size(header, payload_size - len(prefix))
+        return self._reassembly().claim(header.idx, header.is_config, size)
+
+    def load_state_buffer(self, payload: memoryview, release: Callable[[], None],
+                          payload_size: int | None = None) -> None:
+        """A device-state packet for this device arrived on some multifd channel
+        (receive thread).  ``payload_size`` given: only its VFIO header is in
+        ``payload``, the data went where :meth:`claim` said."""
+        reassembly = self._reassembly()
+        if payload_size is None:
+            header, data = decode_state_packet(payload)
+            reassembly.put(header.idx, header.is_config, len(data), data, release)
+        else:
+            header = VfioStatePacketHeader.decode(payload)
+            size = self._data_size(header, payload_size - VFIO_STATE_PACKET_HEADER.size)
+            reassembly.put(header.idx, header.is_config, size, None, release)
+
+    def _reassembly(self) -> Reassembly:
         if self.reassembly is None:
             raise SequenceError(f"device {self.device.id}: got device state packet but not "
                                 "doing multifd transfer")
-        header, data = decode_state_packet(payload)
-        self.reassembly.put(header.idx, header.is_config, data, release)
+        return self.reassembly
+
+    @staticmethod
+    def _data_size(header: VfioStatePacketHeader, size: int) -> int:
+        if not header.is_config and size > MAX_DATA_BUFFER_SIZE:
+            raise LimitExceededError(
+                f"VFIO device-state packet idx {header.idx}: {size} bytes of data exceed "
+                f"the limit of {MAX_DATA_BUFFER_SIZE}", limit=MAX_DATA_BUFFER_SIZE, value=size)
+        return size
 
     async def switchover_start(self) -> None:
         if self.multifd_transfer and self.load_task is None:
+            assert self.reassembly is not None
+            # the image holds the pre-copy data now: the stop-copy data follows it
+            self.reassembly.start(self.device.write_offset)
             self.load_task = self.funnel.spawn(self._load_task(), f"load-{self.device.id}")
 
     async def _load_task(self) -> None:
-        """Write buffers strictly in idx order, then load the config."""
+        """Run the load thread until it has loaded every data buffer, then load the
+        config (after CONFIG_LOAD_READY when the interlock is on)."""
         assert self.reassembly is not None
         reassembly = self.reassembly
-        while True:
-            buf = await reassembly.get()
-            if buf.is_config:
-                break
-            try:
-                await self.device.write(buf.data)
-                self.bytes_loaded += len(buf.data)
-            finally:
-                reassembly.done_with(buf)
+        loop = asyncio.get_running_loop()
+        config: asyncio.Future[QueuedBuffer] = loop.create_future()
+        self._load_thread = threading.Thread(
+            target=self._load_data, args=(loop, config), name=f"vfio-load-{self.device.id}",
+            daemon=True)
+        self._load_thread.start()
+        try:
+            buf = await config
+        finally:
+            if not config.done():  # cancelled: stop the thread (it may be sleeping)
+                reassembly.close()
         try:
             if self.load_config_after_iter:
                 await self._config_load_ready.wait()
+            assert buf.data is not None
             self.device.load_config(decode_config_blob(buf.data))
             self._config_loaded = True
         finally:
             reassembly.done_with(buf)
         self.loaded_at = time.monotonic()
         self.log.debug("device loaded", bytes=self.bytes_loaded,
+                       in_place=reassembly.in_place_packets, packets=reassembly.packets,
                        queued_high_water=reassembly.high_water_bytes)
+
+    def _load_data(self, loop: asyncio.AbstractEventLoop,
+                   config: asyncio.Future[QueuedBuffer]) -> None:
+        """The load thread: write the data buffers strictly by idx into the device,
+        then hand the config buffer to the load task."""
+        assert self.reassembly is not None
+        reassembly, device = self.reassembly, self.device
+        outcome: QueuedBuffer | BaseException | None = None
+        try:
+            while True:
+                buf = reassembly.get()
+                if buf is None:  # closed: the migration is over
+                    return
+                if buf.is_config:
+                    outcome = buf
+                    return
+                try:
+                    offset = device.write_offset if buf.offset is None else buf.offset
+                    delay = device.commit(offset, buf.size, buf.data)
+                    self.bytes_loaded += buf.size
+                finally:
+                    reassembly.done_with(buf)
+                if delay > 0 and not reassembly.pause(delay):
+                    return
+        except BaseException as exc:  # raised by the load task, into the funnel
+            outcome = exc
+        finally:
+            if outcome is not None:
+                try:
+                    loop.call_soon_threadsafe(_settle, config, outcome)
+                except RuntimeError:  # the loop is gone
+                    pass
 
     async def wait_loaded(self) -> None:
         """After EOF: the device must be fully loaded (joins the load task)."""
@@ -184,7 +270,11 @@ class VfioLoadHandler:
         if self.load_task is not None and not self.load_task.done():
             self.load_task.cancel()
         if self.reassembly is not None:
-            self.reassembly.clear()
+            self.reassembly.close()
+        if self._load_thread is not None:
+            # it ends at its next buffer; the one it is loading takes a millisecond
+            self._load_thread.join(timeout=5)
+            self._load_thread = None
 
     def stats(self) -> dict[str, Any]:
         r = self.reassembly
@@ -193,4 +283,5 @@ class VfioLoadHandler:
                 "loaded": self.bytes_loaded,
                 "queued-bytes": r.queued_bytes if r else 0,
                 "queued-high-water": r.high_water_bytes if r else 0,
-                "packets": r.packets if r else 0}
+                "packets": r.packets if r else 0,
+                "in-place-packets": r.in_place_packets if r else 0}

@@ -1,67 +1,108 @@
 """In-order reassembly of one device's multifd device-state buffers, with hard bounds.
 
 Device-state packets of one device arrive on any channel in any order; the device
-must receive them strictly by ``idx``.  :class:`Reassembly` parks early buffers in a
-sparse map (a dict, so a hostile ``idx`` far ahead costs nothing — QEMU grows an
-array to ``idx + 1`` first and only then checks its cap) and hands them to the load
-task in order.
+must receive them strictly by ``idx``.  :class:`Reassembly` is shared by the receive
+threads (which :meth:`~Reassembly.claim` a packet when its header arrives and
+:meth:`~Reassembly.put` it when its data has) and the device's load thread (which
+takes packets in idx order with :meth:`~Reassembly.get`), under one lock.
 
-Every ``put`` is checked before anything is kept: duplicates and already-loaded
+Placing data: every claim tells the size of a packet, so once the sizes of all
+earlier packets are known, a packet's place in the device's resume image is known
+too — the sum of theirs.  Such a packet is received straight into the device
+(``target``), and loading it is only a matter of hashing it; one whose place is not
+known yet (an earlier header is still on its way, or the load thread has not
+started: before SWITCHOVER_START the image may still grow from the main channel) is
+received into a pooled buffer and copied in when its turn comes.
+
+Every packet is checked before anything is kept: duplicates and already-loaded
 indexes, data after the config packet, a second config packet, and three bounds —
 the count cap (``x-migration-max-queued-buffers``), the byte cap
-(``x-migration-max-queued-buffers-size``, payload bytes queued but not yet written),
-and the device's own capacity (no device takes more data than its pre-copy plus
-stop-copy size), which bounds memory even when both caps are unlimited.
+(``x-migration-max-queued-buffers-size``, payload bytes received but not yet loaded;
+placed packets count too), and the device's own capacity (no device takes more data
+than its pre-copy plus stop-copy size), which bounds memory even when both caps are
+unlimited.  Per-packet bookkeeping lives in dicts, so a hostile ``idx`` far ahead
+costs nothing (QEMU grows an array to ``idx + 1`` first and only then checks its cap).
 """
 
 from __future__ import annotations
 
-import asyncio
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from protocol.errors import LimitExceededError, SequenceError
 
-__all__ = ["Reassembly", "QueuedBuffer"]
+__all__ = ["Reassembly", "QueuedBuffer", "Target"]
+
+#: ``target(offset, size)``: a view of the device at that absolute offset, or None
+Target = Callable[[int, int], "memoryview | None"]
 
 
 @dataclass(slots=True)
 class QueuedBuffer:
     idx: int
     is_config: bool
-    data: memoryview                 # payload after the 12-byte VFIO header
+    size: int                         # payload bytes after the 12-byte VFIO header
+    data: memoryview | None          # None: already in place in the device
+    offset: int | None               # where in the image (absolute), when in place
     release: Callable[[], None]      # gives the receive buffer back to its pool
+
+
+def _nothing() -> None:
+    pass
 
 
 class Reassembly:
     def __init__(self, device_id: str, *, max_count: int | None, max_bytes: int | None,
-                 capacity: int) -> None:
+                 capacity: int, target: Target | None = None) -> None:
         self.device_id = device_id
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.capacity = capacity
+        self._target = target
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self.next_idx = 0
         self.last_idx: int | None = None        # idx of the config packet, once seen
+        self._claimed: dict[int, int | None] = {}   # idx → offset in the stream, if known
+        self._sizes: dict[int, int] = {}      # sizes of claimed packets not yet placed
+        self._placed_idx = 0                  # every idx below this has a known offset
+        self._placed_end = 0                  # the stream offset of _placed_idx
+        self._base: int | None = None         # where the stream starts in the image
         self._slots: dict[int, QueuedBuffer] = {}
+        self._closed = False
         self.queued_bytes = 0
-        self.received_data_bytes = 0
+        self.announced_data_bytes = 0
         self.high_water_bytes = 0
         self.high_water_count = 0
-        self._ready = asyncio.Event()
         self.packets = 0
+        self.in_place_packets = 0
 
     @property
     def queued_count(self) -> int:
         return len(self._slots)
 
-    def put(self, idx: int, is_config: bool, data: memoryview,
-            release: Callable[[], None]) -> None:
-        """Queue one buffer; raises a RemoteProtocolError subclass when it breaks a rule."""
+    # -- receive threads ---------------------------------------------------------------
+    def claim(self, idx: int, is_config: bool, size: int, *, place: bool = True
+              ) -> memoryview | None:
+        """A packet's header arrived: check it, note its size, and return where in the
+        device its ``size`` bytes should go, or None to receive them into a buffer."""
+        with self._lock:
+            self._check_closed()
+            self._claim(idx, is_config, size)
+            if not place or is_config or self._base is None or self._target is None:
+                return None
+            offset = self._claimed[idx]
+            if offset is None:
+                return None
+            return self._target(self._base + offset, size)
+
+    def _claim(self, idx: int, is_config: bool, size: int) -> None:
         dev = self.device_id
         if idx < self.next_idx:
             raise SequenceError(f"device {dev}: device-state buffer idx {idx} was already "
                                 "loaded (duplicate packet)")
-        if idx in self._slots:
+        if idx in self._claimed:
             raise SequenceError(f"device {dev}: device-state buffer idx {idx} received twice")
         if self.last_idx is not None:
             if is_config:
@@ -70,54 +111,109 @@ class Reassembly:
             if idx > self.last_idx:
                 raise SequenceError(f"device {dev}: data packet idx {idx} after the config "
                                     f"packet idx {self.last_idx}, which must be the last")
-        elif is_config and self._slots and max(self._slots) > idx:
+        elif is_config and self._claimed and max(self._claimed) > idx:
             raise SequenceError(f"device {dev}: config packet idx {idx} is not the last: "
-                                f"idx {max(self._slots)} was already received")
-        size = len(data)
-        if self.max_count is not None and len(self._slots) + 1 > self.max_count:
-            raise LimitExceededError(
-                f"device {dev}: {len(self._slots) + 1} queued device-state buffers exceed "
-                f"x-migration-max-queued-buffers={self.max_count}",
-                limit=self.max_count, value=len(self._slots) + 1)
-        if self.max_bytes is not None and self.queued_bytes + size > self.max_bytes:
-            raise LimitExceededError(
-                f"device {dev}: {self.queued_bytes + size} queued device-state bytes exceed "
-                f"x-migration-max-queued-buffers-size={self.max_bytes}",
-                limit=self.max_bytes, value=self.queued_bytes + size)
-        if not is_config and self.received_data_bytes + size > self.capacity:
+                                f"idx {max(self._claimed)} was already received")
+        if not is_config and self.announced_data_bytes + size > self.capacity:
             raise LimitExceededError(
                 f"device {dev}: source sent more than the device's {self.capacity} bytes "
                 "of stop-copy state", limit=self.capacity,
-                value=self.received_data_bytes + size)
+                value=self.announced_data_bytes + size)
         if is_config:
             self.last_idx = idx
         else:
-            self.received_data_bytes += size
-        self._slots[idx] = QueuedBuffer(idx, is_config, data, release)
-        self.queued_bytes += size
-        self.packets += 1
-        self.high_water_bytes = max(self.high_water_bytes, self.queued_bytes)
-        self.high_water_count = max(self.high_water_count, len(self._slots))
-        if idx == self.next_idx:
-            self._ready.set()
+            self.announced_data_bytes += size
+        self._claimed[idx] = None
+        self._sizes[idx] = 0 if is_config else size
+        # place every packet whose predecessors' sizes are now all known
+        sizes, claimed = self._sizes, self._claimed
+        while self._placed_idx in sizes:
+            claimed[self._placed_idx] = self._placed_end
+            self._placed_end += sizes.pop(self._placed_idx)
+            self._placed_idx += 1
 
-    async def get(self) -> QueuedBuffer:
-        """The buffer with the next idx, waiting until it has arrived."""
-        while True:
-            buf = self._slots.pop(self.next_idx, None)
-            if buf is not None:
-                self.next_idx += 1
-                return buf
-            self._ready.clear()
-            await self._ready.wait()
+    def put(self, idx: int, is_config: bool, size: int, data: memoryview | None,
+            release: Callable[[], None] = _nothing) -> None:
+        """A packet's data arrived: in ``data``, or (None) where :meth:`claim` said.
+        Raises a RemoteProtocolError subclass when it breaks a rule."""
+        dev = self.device_id
+        with self._lock:
+            self._check_closed()
+            if idx not in self._claimed:
+                self._claim(idx, is_config, size)
+            if idx in self._slots or idx < self.next_idx:
+                raise SequenceError(f"device {dev}: device-state buffer idx {idx} received "
+                                    "twice")
+            if self.max_count is not None and len(self._slots) + 1 > self.max_count:
+                raise LimitExceededError(
+                    f"device {dev}: {len(self._slots) + 1} queued device-state buffers "
+                    f"exceed x-migration-max-queued-buffers={self.max_count}",
+                    limit=self.max_count, value=len(self._slots) + 1)
+            if self.max_bytes is not None and self.queued_bytes + size > self.max_bytes:
+                raise LimitExceededError(
+                    f"device {dev}: {self.queued_bytes + size} queued device-state bytes "
+                    f"exceed x-migration-max-queued-buffers-size={self.max_bytes}",
+                    limit=self.max_bytes, value=self.queued_bytes + size)
+            offset = None
+            if data is None:
+                stream_offset = self._claimed[idx]
+                if stream_offset is None or self._base is None:
+                    raise SequenceError(f"device {dev}: idx {idx} has no data and no place")
+                offset = self._base + stream_offset
+                self.in_place_packets += 1
+            self._slots[idx] = QueuedBuffer(idx, is_config, size, data, offset, release)
+            self.queued_bytes += size
+            self.packets += 1
+            self.high_water_bytes = max(self.high_water_bytes, self.queued_bytes)
+            self.high_water_count = max(self.high_water_count, len(self._slots))
+            if idx == self.next_idx:
+                self._arrived.notify()
+
+    # -- load thread ---------------------------------------------------------------------
+    def start(self, base: int) -> None:
+        """SWITCHOVER_START: the device's image is complete up to ``base``; from now on
+        packets are placed after it."""
+        with self._lock:
+            self._base = base
+
+    def get(self) -> QueuedBuffer | None:
+        """The buffer with the next idx, waiting until it arrives; None once closed."""
+        with self._arrived:
+            while True:
+                if self._closed:
+                    return None
+                buf = self._slots.pop(self.next_idx, None)
+                if buf is not None:
+                    self.next_idx += 1
+                    return buf
+                self._arrived.wait()
 
     def done_with(self, buf: QueuedBuffer) -> None:
-        """The load task wrote ``buf`` into the device: unqueue it and recycle it."""
-        self.queued_bytes -= len(buf.data)
+        """``buf`` is loaded into the device: unqueue it and recycle its buffer."""
+        with self._lock:
+            self.queued_bytes -= buf.size
+            self._claimed.pop(buf.idx, None)
         buf.release()
 
-    def clear(self) -> None:
-        for buf in self._slots.values():
+    def pause(self, seconds: float) -> bool:
+        """Sleep like a slow device, waking early when closed; False once closed."""
+        with self._arrived:
+            if not self._closed:
+                self._arrived.wait(seconds)
+            return not self._closed
+
+    def close(self) -> None:
+        """Release every queued buffer and wake the load thread; later calls fail."""
+        with self._arrived:
+            self._closed = True
+            slots = list(self._slots.values())
+            self._slots.clear()
+            self.queued_bytes = 0
+            self._arrived.notify_all()
+        for buf in slots:
             buf.release()
-        self._slots.clear()
-        self.queued_bytes = 0
+
+    def _check_closed(self) -> None:
+        if self._closed:
+            raise SequenceError(f"device {self.device_id}: device-state packet after its "
+                                "load was ended")

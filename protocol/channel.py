@@ -62,10 +62,13 @@ class InitReceived:
 @dataclass(frozen=True, slots=True)
 class DeviceStateReceived:
     """A device-state packet; ``payload`` is exactly ``header.payload_size`` bytes, a
-    view of the buffer obtained from ``allocate``."""
+    view of the buffer obtained from ``allocate``.  ``in_place``: the payload's first
+    ``device_prefix`` bytes are in ``payload`` (a copy) and the rest went straight to
+    the view ``device_target`` gave for this packet."""
 
     header: DeviceStateHeader
     payload: memoryview
+    in_place: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,7 @@ class _Stage(Enum):
     INIT = "channel init"
     HEADER = "packet header"
     DEVICE_BODY = "device-state packet header"
+    DEVICE_PREFIX = "device-state payload prefix"
     RAM_BODY = "RAM packet"
     DEVICE_PAYLOAD = "device-state payload"
     RAM_PAYLOAD = "RAM packet payload"
@@ -127,9 +131,19 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
         compression: int | None = None,
         channel: str = "",
         ram_target: Callable[[RamPacket], Sequence[memoryview] | None] | None = None,
+        device_target: Callable[[DeviceStateHeader, memoryview], memoryview | None]
+        | None = None,
+        device_prefix: int = 0,
     ) -> None:
         super().__init__(channel=channel)
         self._ram_target = ram_target
+        if device_target is not None and (type(device_prefix) is not int
+                                          or not 0 < device_prefix <= 4096):
+            raise ConfigError(f"device_prefix must be 1..4096 with a device_target, "
+                              f"got {device_prefix!r}")
+        self._device_target = device_target
+        self._device_prefix = device_prefix
+        self._device_buf: memoryview | None = None  # the whole payload, when allocated
         self._targets: list[memoryview] = []  # the rest of an in-place payload, reversed
         self._in_place = False
         self._page_count = ram_page_count(page_size)
@@ -167,6 +181,8 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
             return PACKET_HEADER_SIZE
         if stage is _Stage.DEVICE_BODY:
             return DEVICE_STATE_BODY_SIZE
+        if stage is _Stage.DEVICE_PREFIX:
+            return self._device_prefix
         assert stage is _Stage.RAM_BODY, stage
         return self._ram_body_size
 
@@ -186,8 +202,14 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
                 self._flags, chunk, max_payload=self._max_device_payload
             )
             self._device = header
-            self._stage = _Stage.DEVICE_PAYLOAD
-            self._start_sink(claim_buffer(self._allocate, header.payload_size))
+            if self._device_target is not None and header.payload_size > self._device_prefix:
+                # the payload's own header says where its data belongs
+                self._stage = _Stage.DEVICE_PREFIX
+            else:
+                self._stage = _Stage.DEVICE_PAYLOAD
+                self._start_sink(claim_buffer(self._allocate, header.payload_size))
+        elif stage is _Stage.DEVICE_PREFIX:
+            self._device_prefix_received(chunk, events)
         else:
             packet = RamPacket.decode_body(
                 self._flags,
@@ -220,10 +242,35 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
                     self._in_place = True
                     self._start_sink(self._targets.pop())
 
+    def _device_prefix_received(self, prefix: memoryview, events: list[ChannelEvent]) -> None:
+        header = self._device
+        assert header is not None and self._device_target is not None
+        rest = header.payload_size - len(prefix)
+        self._stage = _Stage.DEVICE_PAYLOAD
+        target = self._device_target(header, prefix)
+        if target is None:
+            whole = claim_buffer(self._allocate, header.payload_size)
+            whole[: len(prefix)] = prefix
+            self._device_buf = whole
+            self._start_sink(whole[len(prefix) :])
+            return
+        view = _target_view(target)
+        if len(view) != rest:
+            raise ConfigError(f"device_target gave {len(view)} bytes for the {rest} bytes "
+                              "after the payload's prefix")
+        self._device_buf = memoryview(bytes(prefix))
+        self._start_sink(view)
+
     def _sink_done(self, sink: memoryview, events: list[ChannelEvent]) -> None:
         if self._stage is _Stage.DEVICE_PAYLOAD:
             assert self._device is not None
-            events.append(DeviceStateReceived(self._device, sink))
+            whole = self._device_buf
+            if whole is None:
+                events.append(DeviceStateReceived(self._device, sink))
+            else:
+                in_place = len(whole) != self._device.payload_size
+                events.append(DeviceStateReceived(self._device, whole, in_place=in_place))
+                self._device_buf = None
             self._device = None
         else:
             assert self._ram is not None
@@ -248,8 +295,13 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
             return stage.value, PACKET_HEADER_SIZE + buffered, DEVICE_STATE_HEADER_SIZE
         if stage is _Stage.RAM_BODY:
             return stage.value, PACKET_HEADER_SIZE + buffered, PACKET_HEADER_SIZE + self._ram_body_size
+        if stage is _Stage.DEVICE_PREFIX:
+            assert self._device is not None
+            return _Stage.DEVICE_PAYLOAD.value, buffered, self._device.payload_size
         if stage is _Stage.DEVICE_PAYLOAD:
             assert self._device is not None
+            if self._device_buf is not None:  # the prefix came first
+                sink_filled += self._device_prefix
             return stage.value, sink_filled, self._device.payload_size
         if stage is _Stage.RAM_PAYLOAD:
             assert self._ram is not None

@@ -696,3 +696,101 @@ def test_ram_target_empty_views_are_skipped(empty_at: int) -> None:
     (event,) = decoder.feed(PAGES[PAGE:])
     assert isinstance(event, RamPacketReceived) and event.in_place
     assert bytes(mem) == PAGES and not decoder.receiving_body
+
+
+# ---------------------------------------------------------------------------
+# in-place device-state payloads (device_target)
+
+PREFIX = 12
+
+
+class Device:
+    """A device image stand-in: ``device_target`` places each payload after its
+    ``PREFIX`` at a fixed offset, or declines (None) when told to."""
+
+    def __init__(self, decline: bool = False) -> None:
+        self.mem = bytearray(8000)
+        self.calls: list[tuple[DeviceStateHeader, bytes]] = []
+        self.decline = decline
+
+    def __call__(self, header: DeviceStateHeader, prefix: memoryview) -> memoryview | None:
+        self.calls.append((header, bytes(prefix)))
+        if self.decline:
+            return None
+        return memoryview(self.mem)[100 : 100 + header.payload_size - len(prefix)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 9000), min_size=1, max_size=20), st.booleans())
+def test_device_target_receives_after_the_prefix(sizes: list[int], decline: bool) -> None:
+    device = Device(decline=decline)
+    decoder = ChannelDecoder(device_target=device, device_prefix=PREFIX)
+    events = feed_chunked(decoder, stream(), sizes)
+    assert device.calls == [(DEVICE, DEVICE_DATA[:PREFIX])]
+    (event,) = [e for e in events if isinstance(e, DeviceStateReceived)]
+    assert event.header == DEVICE and event.in_place is not decline
+    if decline:  # the whole payload in one allocated buffer, prefix included
+        assert bytes(event.payload) == DEVICE_DATA
+    else:
+        assert bytes(event.payload) == DEVICE_DATA[:PREFIX]
+        assert device.mem[100 : 100 + 5000 - PREFIX] == DEVICE_DATA[PREFIX:]
+    # everything else decodes exactly as without the hook
+    others = [e for e in plain(events) if e[0] != "dev"]
+    assert others == [e for e in EXPECTED if e[0] != "dev"]
+
+
+def test_device_target_skipped_for_payloads_not_longer_than_the_prefix() -> None:
+    device = Device()
+    decoder = ChannelDecoder(device_target=device, device_prefix=PREFIX, expect_init=False)
+    short = DeviceStateHeader("d", 0, PREFIX)
+    (event,) = decoder.feed(short.encode() + b"x" * PREFIX)
+    assert isinstance(event, DeviceStateReceived) and not event.in_place
+    assert bytes(event.payload) == b"x" * PREFIX and device.calls == []
+
+
+@pytest.mark.parametrize("length", [0, 4987, 4989])
+def test_device_target_wrong_length_is_misuse(length: int) -> None:
+    view = memoryview(bytearray(length))
+    decoder = ChannelDecoder(device_target=lambda h, p: view, device_prefix=PREFIX,
+                             expect_init=False)
+    with pytest.raises(ConfigError, match=f"device_target gave {length} bytes for the 4988"):
+        decoder.feed(DEVICE.encode() + DEVICE_DATA)
+
+
+def test_device_target_errors_surface_and_are_final() -> None:
+    def refuse(header: DeviceStateHeader, prefix: memoryview) -> memoryview | None:
+        raise SequenceError("idx already loaded")
+    decoder = ChannelDecoder(device_target=refuse, device_prefix=PREFIX, expect_init=False)
+    with pytest.raises(SequenceError, match="already loaded"):
+        decoder.feed(DEVICE.encode() + DEVICE_DATA)
+    with pytest.raises(SequenceError, match="after an error"):
+        decoder.buffer()
+
+
+@pytest.mark.parametrize("prefix", [0, -1, 4097, 1.5])
+def test_device_prefix_must_be_sane(prefix: object) -> None:
+    with pytest.raises(ConfigError, match="device_prefix"):
+        ChannelDecoder(device_target=lambda h, p: None, device_prefix=prefix)  # type: ignore[arg-type]
+
+
+def test_device_in_place_truncation_at_every_offset_matches_buffer_path() -> None:
+    data = stream()
+    for cut in range(DEVICE_PAYLOAD_AT - 1, DEVICE_PAYLOAD_AT + 5000):
+        messages = []
+        for decoder in (ChannelDecoder(),
+                        ChannelDecoder(device_target=Device(), device_prefix=PREFIX),
+                        ChannelDecoder(device_target=Device(decline=True),
+                                       device_prefix=PREFIX)):
+            feed_chunked(decoder, data[:cut], [3000])
+            with pytest.raises(ChannelError) as info:
+                decoder.eof()
+            messages.append(str(info.value))
+        assert messages[0] == messages[1] == messages[2], cut
+
+
+def test_device_receiving_body_after_the_prefix() -> None:
+    decoder = ChannelDecoder(device_target=Device(), device_prefix=PREFIX, expect_init=False)
+    decoder.feed(DEVICE.encode())
+    assert not decoder.receiving_body          # the prefix is gathered like a header
+    decoder.feed(DEVICE_DATA[:PREFIX])
+    assert decoder.receiving_body and len(decoder.buffer()) == 5000 - PREFIX

@@ -1,9 +1,9 @@
-"""Reassembly: order, duplicates, the config packet, and every bound."""
+"""Reassembly: order, duplicates, the config packet, every bound, and placing data."""
 
 from __future__ import annotations
 
-import asyncio
 import random
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -13,21 +13,24 @@ from migrate_dst.reassembly import Reassembly
 from protocol.errors import LimitExceededError, SequenceError
 
 
-def make(max_count=None, max_bytes=None, capacity=1 << 30) -> tuple[Reassembly, list[int]]:
+def make(max_count=None, max_bytes=None, capacity=1 << 30, target=None
+         ) -> tuple[Reassembly, list[int]]:
     released: list[int] = []
     return Reassembly("d", max_count=max_count, max_bytes=max_bytes,
-                      capacity=capacity), released
+                      capacity=capacity, target=target), released
 
 
 def put(r: Reassembly, released: list[int], idx: int, size: int = 10,
         config: bool = False) -> None:
-    r.put(idx, config, memoryview(bytes([idx % 256]) * size), lambda: released.append(idx))
+    r.put(idx, config, size, memoryview(bytes([idx % 256]) * size),
+          lambda: released.append(idx))
 
 
-async def drain(r: Reassembly) -> list[int]:
+def drain(r: Reassembly) -> list[int]:
     order = []
     while True:
-        buf = await r.get()
+        buf = r.get()
+        assert buf is not None
         order.append(buf.idx)
         r.done_with(buf)
         if buf.is_config:
@@ -37,18 +40,18 @@ async def drain(r: Reassembly) -> list[int]:
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
 def test_any_arrival_order_comes_out_in_idx_order(n, seed):
-    async def body() -> None:
-        r, released = make()
-        order = list(range(n + 1))
-        random.Random(seed).shuffle(order)
-        getter = asyncio.ensure_future(drain(r))
-        for idx in order:
-            put(r, released, idx, config=(idx == n))
-            await asyncio.sleep(0)
-        assert await getter == list(range(n + 1))
-        assert sorted(released) == list(range(n + 1))
-        assert r.queued_bytes == 0
-    asyncio.run(body())
+    r, released = make()
+    order = list(range(n + 1))
+    random.Random(seed).shuffle(order)
+    seen: list[int] = []
+    getter = threading.Thread(target=lambda: seen.extend(drain(r)))
+    getter.start()
+    for idx in order:
+        put(r, released, idx, config=(idx == n))
+    getter.join(10)
+    assert seen == list(range(n + 1))
+    assert sorted(released) == list(range(n + 1))
+    assert r.queued_bytes == 0
 
 
 @pytest.mark.parametrize("script,error", [
@@ -64,10 +67,10 @@ def test_sequence_errors(script, error):
             put(r, released, idx, config=config)
 
 
-async def test_already_loaded_idx_is_a_duplicate():
+def test_already_loaded_idx_is_a_duplicate():
     r, released = make()
     put(r, released, 0)
-    buf = await r.get()
+    buf = r.get()
     r.done_with(buf)
     with pytest.raises(SequenceError, match="already loaded"):
         put(r, released, 0)
@@ -83,18 +86,16 @@ def test_count_cap():
 
 
 def test_byte_cap_counts_queued_not_loaded_bytes():
-    async def body() -> None:
-        r, released = make(max_bytes=25)
-        put(r, released, 0, size=10)
-        put(r, released, 1, size=10)
-        with pytest.raises(LimitExceededError, match="x-migration-max-queued-buffers-size=25"):
-            put(r, released, 2, size=10)
-        buf = await r.get()          # idx 0 is written: its bytes leave the queue
-        r.done_with(buf)
+    r, released = make(max_bytes=25)
+    put(r, released, 0, size=10)
+    put(r, released, 1, size=10)
+    with pytest.raises(LimitExceededError, match="x-migration-max-queued-buffers-size=25"):
         put(r, released, 2, size=10)
-        assert r.queued_bytes == 20
-        assert r.high_water_bytes == 20
-    asyncio.run(body())
+    buf = r.get()          # idx 0 is written: its bytes leave the queue
+    r.done_with(buf)
+    put(r, released, 3, size=10)
+    assert r.queued_bytes == 20
+    assert r.high_water_bytes == 20
 
 
 def test_capacity_bounds_memory_without_caps():
@@ -111,10 +112,107 @@ def test_huge_idx_gap_costs_nothing():
     assert r.queued_count == 1
 
 
-def test_clear_releases_everything():
+def test_close_releases_everything_and_wakes_the_load_thread():
     r, released = make()
     for idx in (3, 5, 7):
         put(r, released, idx)
-    r.clear()
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(r.get()))
+    waiter.start()
+    r.close()
+    waiter.join(5)
+    assert got == [None]
     assert sorted(released) == [3, 5, 7]
     assert r.queued_bytes == 0
+    with pytest.raises(SequenceError, match="after its load was ended"):
+        put(r, released, 0)
+    assert r.pause(10) is False  # a closed reassembly never sleeps
+
+
+# -- placing data in the device ---------------------------------------------------------
+
+class Image:
+    """A device image that records which ranges were handed out."""
+
+    def __init__(self, size: int) -> None:
+        self.buf = bytearray(size)
+        self.given: list[tuple[int, int]] = []
+
+    def target(self, offset: int, size: int) -> memoryview | None:
+        if offset + size > len(self.buf):
+            return None
+        self.given.append((offset, size))
+        return memoryview(self.buf)[offset:offset + size]
+
+
+def test_nothing_is_placed_before_switchover_start():
+    image = Image(100)
+    r, _ = make(target=image.target)
+    assert r.claim(0, False, 10) is None
+    r.start(base=0)
+    assert r.claim(1, False, 10) is not None
+    assert image.given == [(10, 10)]
+
+
+def test_a_packet_is_placed_once_every_earlier_size_is_known():
+    image = Image(1000)
+    r, released = make(target=image.target)
+    r.start(base=100)                       # 100 bytes came before, on the main channel
+    assert r.claim(2, False, 30) is None    # sizes of 0 and 1 unknown
+    view = r.claim(0, False, 10)
+    assert view is not None and image.given == [(100, 10)]
+    view[:] = b"a" * 10
+    assert r.claim(1, False, 20) is not None
+    assert image.given == [(100, 10), (110, 20)]
+    assert r.claim(3, False, 5) is not None  # 2's size is known: 3 follows it
+    assert image.given[-1] == (160, 5)
+    assert r.claim(4, True, 8) is None       # the config never goes in the image
+    r.put(0, False, 10, None)
+    r.put(2, False, 30, memoryview(b"c" * 30), lambda: released.append(2))
+    first, = [r.get()]
+    assert first is not None and (first.idx, first.data, first.offset) == (0, None, 100)
+    assert r.in_place_packets == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 50), min_size=1, max_size=30),
+       seed=st.integers(0, 2**32 - 1), base=st.integers(0, 100))
+def test_placed_packets_tile_the_image(sizes, seed, base):
+    """Whatever the claim order, placed ranges follow each other exactly by idx."""
+    image = Image(base + sum(sizes))
+    r, _ = make(target=image.target)
+    r.start(base=base)
+    order = list(range(len(sizes)))
+    random.Random(seed).shuffle(order)
+    placed = {}
+    for idx in order:
+        if r.claim(idx, False, sizes[idx]) is not None:
+            placed[idx] = image.given[-1]
+    offsets = [base + sum(sizes[:i]) for i in range(len(sizes))]
+    for idx, (offset, size) in placed.items():
+        assert (offset, size) == (offsets[idx], sizes[idx])
+    if order == sorted(order):
+        assert sorted(placed) == order        # claimed in order: every one is placed
+
+
+def test_a_claim_beyond_the_image_is_not_placed():
+    image = Image(25)
+    r, _ = make(target=image.target)
+    r.start(base=0)
+    assert r.claim(0, False, 20) is not None
+    assert r.claim(1, False, 10) is None     # would end past the image: a buffer
+    assert image.given == [(0, 20)]
+
+
+def test_in_place_put_without_a_place_is_an_error():
+    r, _ = make()
+    r.claim(0, False, 10)
+    with pytest.raises(SequenceError, match="no data and no place"):
+        r.put(0, False, 10, None)
+
+
+def test_duplicate_claim_is_caught_at_the_header():
+    r, _ = make()
+    r.claim(4, False, 10)
+    with pytest.raises(SequenceError, match="received twice"):
+        r.claim(4, False, 10)

@@ -43,7 +43,7 @@ from typing import Final, Literal
 import xxhash
 
 from protocol.errors import ConfigError, DeviceError, StateError
-from vm.memory import allocate_anonymous, prefault
+from vm.memory import allocate_anonymous, copy_into, prefault
 from vm.properties import MiB, DeviceConfig
 
 __all__ = [
@@ -309,12 +309,16 @@ class _Pacer:
         self._sleep = sleep
         self._free_at = float("-inf")
 
-    async def pace(self, nbytes: int) -> None:
+    def reserve(self, nbytes: int) -> float:
+        """Book ``nbytes`` on the timeline; the seconds to wait before going on."""
         if self.rate <= 0 or nbytes <= 0:
-            return
+            return 0.0
         now = self._clock()
         self._free_at = max(now, self._free_at) + nbytes / self.rate
-        delay = self._free_at - now
+        return max(0.0, self._free_at - now)
+
+    async def pace(self, nbytes: int) -> None:
+        delay = self.reserve(nbytes)
         if delay > 0:
             await self._sleep(delay)
 
@@ -707,29 +711,59 @@ class VfioSimDevice:
         incremental digest.  Writing past ``precopy_size + state_size`` is an
         overrun: nothing is written and :class:`DeviceError` is raised.
         """
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        delay = self.commit(self._write_pos, view.nbytes, view)
+        if delay > 0:
+            await self._sleep(delay)
+
+    def resume_target(self, offset: int, size: int) -> memoryview | None:
+        """A writable view of ``[offset, offset + size)`` of the resume image, where a
+        receiver may put data before :meth:`commit` appends it; None when that range
+        is not ahead of the write cursor inside the image, or no session is open."""
+        if (self.role != "destination" or self._state is not DeviceState.RESUMING
+                or size <= 0 or offset < self._write_pos or offset + size > self.total_size):
+            return None
+        return self._ensure_resume_buffer()[offset : offset + size]
+
+    def commit(self, offset: int, size: int, data: memoryview | None = None) -> float:
+        """Append ``size`` bytes at the write cursor ``offset`` (only in RESUMING).
+
+        ``data`` is copied in (without holding the GIL); None means the bytes were
+        already put there through :meth:`resume_target`.  Either way they are fed to
+        the incremental digest (xxhash also releases the GIL), so this is what a
+        load thread calls.  Returns the seconds the caller must wait to keep the
+        device's ``write-bandwidth``.  One writer at a time.
+        """
         self._require_role("destination", "write()")
         if self._state is not DeviceState.RESUMING:
             raise DeviceError(
                 f"device {self.id}: write() in state {self._state.name}; only allowed in RESUMING"
             )
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        n = view.nbytes
         start = self._write_pos
-        if start + n > self.total_size:
+        if offset != start:
+            raise DeviceError(f"device {self.id}: write at offset {offset} but the resume "
+                              f"image is filled up to {start}")
+        if start + size > self.total_size:
             raise DeviceError(
-                f"device {self.id}: resume data overrun: {start} + {n} bytes exceeds the "
+                f"device {self.id}: resume data overrun: {start} + {size} bytes exceeds the "
                 f"device's {self.total_size} bytes of state"
             )
-        if n:
-            buf = self._ensure_resume_buffer()
-            buf[start : start + n] = view
-            assert self._hasher is not None
-            self._hasher.update(view)
-            self._write_pos = start + n
-            self.bytes_written += n
-            await self._write_pacer.pace(n)
+        if size <= 0:
+            return 0.0
+        hasher = self._hasher
+        assert hasher is not None
+        target = self._ensure_resume_buffer()[start : start + size]
+        if data is not None:
+            if len(data) != size:
+                raise DeviceError(f"device {self.id}: write of {len(data)} bytes announced "
+                                  f"as {size}")
+            copy_into(target, data)
+        hasher.update(target)
+        self._write_pos = start + size
+        self.bytes_written += size
+        return self._write_pacer.reserve(size)
 
     def load_config(self, blob: bytes | bytearray | memoryview) -> None:
         """Load the config space (only in RESUMING, exactly ``config_size`` bytes, once)."""

@@ -11,8 +11,10 @@ earlier packets are known, a packet's place in the device's resume image is know
 too — the sum of theirs.  Such a packet is received straight into the device
 (``target``), and loading it is only a matter of hashing it; one whose place is not
 known yet (an earlier header is still on its way, or the load thread has not
-started: before SWITCHOVER_START the image may still grow from the main channel) is
-received into a pooled buffer and copied in when its turn comes.
+started: before SWITCHOVER_START the image may still grow from the main channel) waits for them a
+little — that is the flow control that keeps a lagging channel from letting the
+others fill memory — and only then falls back to a pooled buffer, copied in when its
+turn comes.
 
 Every packet is checked before anything is kept: duplicates and already-loaded
 indexes, data after the config packet, a second config packet, and three bounds —
@@ -27,12 +29,16 @@ costs nothing (QEMU grows an array to ``idx + 1`` first and only then checks its
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from protocol.errors import LimitExceededError, SequenceError
 
 __all__ = ["Reassembly", "QueuedBuffer", "Target"]
+
+#: How long a packet may wait for the headers before it to learn its place.
+PLACE_WAIT = 0.05
 
 #: ``target(offset, size)``: a view of the device at that absolute offset, or None
 Target = Callable[[int, int], "memoryview | None"]
@@ -62,6 +68,9 @@ class Reassembly:
         self._target = target
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
+        self._placeable = threading.Condition(self._lock)
+        #: seconds a claim waits for its place before taking a buffer instead
+        self.place_wait = PLACE_WAIT
         self.next_idx = 0
         self.last_idx: int | None = None        # idx of the config packet, once seen
         self._claimed: dict[int, int | None] = {}   # idx → offset in the stream, if known
@@ -77,6 +86,7 @@ class Reassembly:
         self.high_water_count = 0
         self.packets = 0
         self.in_place_packets = 0
+        self.unplaced_packets = 0    # data packets that waited for a place in vain
 
     @property
     def queued_count(self) -> int:
@@ -90,11 +100,22 @@ class Reassembly:
         with self._lock:
             self._check_closed()
             self._claim(idx, is_config, size)
-            if not place or is_config or self._base is None or self._target is None:
+            if not place or is_config or self._target is None:
                 return None
-            offset = self._claimed[idx]
-            if offset is None:
-                return None
+            deadline = time.monotonic() + self.place_wait
+            while (offset := self._claimed[idx]) is None or self._base is None:
+                # An earlier header is still on its way on another channel (or
+                # SWITCHOVER_START on the main channel): wait for it rather than take
+                # memory.  A sender that queues each device's packets in idx order
+                # on FIFO channels cannot make the waits circular — every awaited
+                # header was queued before the waiting one — so the timeout only
+                # matters for senders that reorder.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.unplaced_packets += 1
+                    return None
+                self._placeable.wait(remaining)
+                self._check_closed()
             return self._target(self._base + offset, size)
 
     def _claim(self, idx: int, is_config: bool, size: int) -> None:
@@ -127,10 +148,12 @@ class Reassembly:
         self._sizes[idx] = 0 if is_config else size
         # place every packet whose predecessors' sizes are now all known
         sizes, claimed = self._sizes, self._claimed
-        while self._placed_idx in sizes:
-            claimed[self._placed_idx] = self._placed_end
-            self._placed_end += sizes.pop(self._placed_idx)
-            self._placed_idx += 1
+        if self._placed_idx in sizes:
+            while self._placed_idx in sizes:
+                claimed[self._placed_idx] = self._placed_end
+                self._placed_end += sizes.pop(self._placed_idx)
+                self._placed_idx += 1
+            self._placeable.notify_all()
 
     def put(self, idx: int, is_config: bool, size: int, data: memoryview | None,
             release: Callable[[], None] = _nothing) -> None:
@@ -175,6 +198,7 @@ class Reassembly:
         packets are placed after it."""
         with self._lock:
             self._base = base
+            self._placeable.notify_all()
 
     def get(self) -> QueuedBuffer | None:
         """The buffer with the next idx, waiting until it arrives; None once closed."""
@@ -210,6 +234,7 @@ class Reassembly:
             self._slots.clear()
             self.queued_bytes = 0
             self._arrived.notify_all()
+            self._placeable.notify_all()
         for buf in slots:
             buf.release()
 

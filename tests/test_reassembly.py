@@ -13,11 +13,13 @@ from migrate_dst.reassembly import Reassembly
 from protocol.errors import LimitExceededError, SequenceError
 
 
-def make(max_count=None, max_bytes=None, capacity=1 << 30, target=None
+def make(max_count=None, max_bytes=None, capacity=1 << 30, target=None, place_wait=0.0
          ) -> tuple[Reassembly, list[int]]:
     released: list[int] = []
-    return Reassembly("d", max_count=max_count, max_bytes=max_bytes,
-                      capacity=capacity, target=target), released
+    r = Reassembly("d", max_count=max_count, max_bytes=max_bytes, capacity=capacity,
+                   target=target)
+    r.place_wait = place_wait  # most tests: no waiting for earlier headers
+    return r, released
 
 
 def put(r: Reassembly, released: list[int], idx: int, size: int = 10,
@@ -216,3 +218,57 @@ def test_duplicate_claim_is_caught_at_the_header():
     r.claim(4, False, 10)
     with pytest.raises(SequenceError, match="received twice"):
         r.claim(4, False, 10)
+
+
+def test_a_claim_waits_for_the_earlier_header_from_another_thread():
+    image = Image(100)
+    r, _ = make(target=image.target, place_wait=10.0)
+    r.start(base=0)
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(r.claim(1, False, 20)))
+    waiter.start()
+    waiter.join(0.05)
+    assert waiter.is_alive()              # idx 0's size is not known yet
+    assert r.claim(0, False, 10) is not None
+    waiter.join(5)
+    assert got and got[0] is not None and image.given == [(0, 10), (10, 20)]
+    assert r.unplaced_packets == 0
+
+
+def test_a_claim_waits_for_switchover_start():
+    image = Image(100)
+    r, _ = make(target=image.target, place_wait=10.0)
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(r.claim(0, False, 10)))
+    waiter.start()
+    waiter.join(0.05)
+    assert waiter.is_alive()
+    r.start(base=30)
+    waiter.join(5)
+    assert image.given == [(30, 10)]
+
+
+def test_a_claim_gives_up_waiting_and_takes_a_buffer():
+    image = Image(100)
+    r, _ = make(target=image.target, place_wait=0.02)
+    r.start(base=0)
+    assert r.claim(3, False, 10) is None   # 0..2 never come: a sender that reorders
+    assert r.unplaced_packets == 1 and image.given == []
+
+
+def test_close_wakes_a_waiting_claim():
+    r, _ = make(target=Image(100).target, place_wait=10.0)
+    errors: list[BaseException] = []
+
+    def claim() -> None:
+        try:
+            r.claim(2, False, 10)
+        except SequenceError as exc:
+            errors.append(exc)
+    waiter = threading.Thread(target=claim)
+    waiter.start()
+    waiter.join(0.05)
+    assert waiter.is_alive()
+    r.close()
+    waiter.join(5)
+    assert not waiter.is_alive() and len(errors) == 1

@@ -221,9 +221,11 @@ class Reassembly:
 
     def pause(self, seconds: float) -> bool:
         """Sleep like a slow device, waking early when closed; False once closed."""
+        deadline = time.monotonic() + seconds
         with self._arrived:
-            if not self._closed:
-                self._arrived.wait(seconds)
+            # arrivals notify this condition too: sleep on until the deadline
+            while not self._closed and (remaining := deadline - time.monotonic()) > 0:
+                self._arrived.wait(remaining)
             return not self._closed
 
     def close(self) -> None:

@@ -132,6 +132,8 @@ class Job:
     """
 
     kind = "job"
+    #: packets on the wire for this job
+    packets = 1
 
     def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
         raise NotImplementedError
@@ -141,13 +143,14 @@ class Job:
 
 
 class DeviceStateJob(Job):
-    """A device-state packet whose header and payload views are already built."""
+    """Device-state packets whose headers and payload views are already built."""
 
     kind = "device-state"
-    __slots__ = ("parts",)
+    __slots__ = ("parts", "packets")
 
-    def __init__(self, parts: Sequence[Buffer]) -> None:
+    def __init__(self, parts: Sequence[Buffer], packets: int = 1) -> None:
         self.parts = parts
+        self.packets = packets
 
     def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
         return self.parts
@@ -164,10 +167,11 @@ class RamJob(Job):
     """
 
     kind = "ram"
-    __slots__ = ("batches", "detect_zero", "normal", "zero")
+    __slots__ = ("batches", "detect_zero", "normal", "zero", "packets")
 
     def __init__(self, batches: list[tuple[RamBlock, list[int]]], detect_zero: bool) -> None:
         self.batches = batches
+        self.packets = len(batches)
         self.detect_zero = detect_zero
         self.normal = self.zero = 0
 
@@ -415,7 +419,7 @@ class MultifdSender:
               trace: bool) -> None:
         chan.busy_time += elapsed
         chan.stats.bytes += n
-        chan.stats.packets += 1
+        chan.stats.packets += job.packets
         chan.queued -= 1
         self.bytes_sent += n
         job.sent(self)

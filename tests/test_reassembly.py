@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -272,3 +273,13 @@ def test_close_wakes_a_waiting_claim():
     r.close()
     waiter.join(5)
     assert not waiter.is_alive() and len(errors) == 1
+
+
+def test_pause_sleeps_through_arrivals():
+    r, released = make()
+    start = time.monotonic()
+    feeder = threading.Thread(target=lambda: [put(r, released, i) for i in range(5)])
+    feeder.start()
+    assert r.pause(0.1) is True
+    feeder.join(5)
+    assert time.monotonic() - start >= 0.1

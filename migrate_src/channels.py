@@ -13,6 +13,7 @@ with one ``sendmsg``.  RAM and device state share these channels.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import queue
 import socket
@@ -292,6 +293,10 @@ class MultifdSender:
         self._uuid = vm_uuid
         self._loop = asyncio.get_running_loop()
         self.bytes_sent = 0
+        # finished jobs, appended by the threads and collected on the loop
+        self._done: collections.deque[tuple[_SendChannel, Job, int, float, bool]] = \
+            collections.deque()
+        self._wake_pending = False
         self.page_count = ram_page_count(page_size)
         self._packet_nums = itertools.count()
         self.ram_normal_pages = 0
@@ -405,8 +410,11 @@ class MultifdSender:
                 except OSError as exc:
                     raise ChannelError(f"{what}: send failed: {exc.strerror or exc}",
                                        channel=str(chan.id)) from exc
-                self._loop.call_soon_threadsafe(self._sent, chan, job, n,
-                                                time.perf_counter() - start, trace)
+                self._done.append((chan, job, n, time.perf_counter() - start, trace))
+                if not self._wake_pending:
+                    # one wake-up of the loop for every job finished meanwhile
+                    self._wake_pending = True
+                    self._loop.call_soon_threadsafe(self._collect)
         except Stopped:
             return
         except BaseException as exc:  # handed to the funnel through the channel task
@@ -414,6 +422,13 @@ class MultifdSender:
                 self._loop.call_soon_threadsafe(_set_result, failed, exc)
             except RuntimeError:  # the loop is gone: nobody is left to tell
                 pass
+
+    def _collect(self) -> None:
+        """On the loop: account for the jobs the threads finished."""
+        self._wake_pending = False  # before draining: a later append wakes us again
+        done = self._done
+        while done:
+            self._sent(*done.popleft())
 
     def _sent(self, chan: _SendChannel, job: Job, n: int, elapsed: float,
               trace: bool) -> None:

@@ -42,8 +42,12 @@ __all__ = ["VfioSaveHandler"]
 
 PRECOPY_STATES = (DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P)
 
-#: Device-state packets (each up to 1 MiB of data) per multifd job.
-DEVICE_JOB_PACKETS = 4
+#: Device-state packets (each up to 1 MiB of data) per multifd job.  One: the
+#: destination places a packet in its device once the headers of all lower idx have
+#: arrived, and packets sent back to back on one channel deliver their headers only
+#: 1 MiB apart — with 4 per job, 8 and 16 channels lost up to a third of their
+#: throughput waiting (bench/results, docs/performance.md).
+DEVICE_JOB_PACKETS = 1
 
 
 class VfioSaveHandler:
@@ -151,11 +155,8 @@ class VfioSaveHandler:
 
     async def save_complete_precopy_thread(self, sender: MultifdSender,
                                            abort: asyncio.Event) -> None:
-        """Stream the stop-copy data as device-state packets, then the config packet.
-
-        Up to ``DEVICE_JOB_PACKETS`` packets (in idx order) go to one channel as one
-        job: one ``sendmsg`` and one trip through the event loop for 4 MiB instead
-        of 1 MiB; the wire is the same as one packet per job."""
+        """Stream the stop-copy data as device-state packets, then the config packet;
+        ``DEVICE_JOB_PACKETS`` packets in a row go to one channel as one job."""
         if not self.multifd_transfer:
             return
         await self._ensure_stop_copy()

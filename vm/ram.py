@@ -104,8 +104,12 @@ def page_runs(offsets: Sequence[int], page_size: int) -> list[tuple[int, int, in
     """Maximal runs of consecutive page offsets: (first index, end index, start byte,
     stop byte) — one memcpy, one receive or one send view per run; the first round
     and sequential writers give long runs."""
+    n = len(offsets)
+    if n > 1 and offsets[-1] - offsets[0] == (n - 1) * page_size and \
+            tuple(offsets) == tuple(range(offsets[0], offsets[-1] + 1, page_size)):
+        return [(0, n, offsets[0], offsets[-1] + page_size)]  # one run, compared in C
     runs = []
-    i, n = 0, len(offsets)
+    i = 0
     while i < n:
         start = offsets[i]
         j = i + 1
@@ -130,6 +134,13 @@ def split_zero_pages(view: memoryview, pages: Sequence[int], page_size: int,
     normal: list[int] = []
     zero: list[int] = []
     step = page_size // 8
+    n = len(pages)
+    first = pages[0] if n else 0
+    if n > 1 and pages[-1] - first == n - 1 and tuple(pages) == tuple(range(first, first + n)):
+        # a run (the usual case): the first word of every page in one strided view;
+        # when none is zero, every page is normal — no Python loop over the pages
+        if 0 not in words[first * step:(first + n) * step:step]:
+            return list(range(first * page_size, (first + n) * page_size, page_size)), zero
     for index in pages:
         w = index * step
         off = index * page_size

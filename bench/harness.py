@@ -443,8 +443,10 @@ class RssSampler:
 
 async def migrate(src: Daemon, dst: Daemon, *, multifd: bool, channels: int,
                   timeout: float, parameters: dict[str, Any] | None = None,
-                  rss: RssSampler | None = None, poll: float = 0.05) -> dict[str, Any]:
-    """Configure both sides, migrate, wait, verify digests; returns the raw sample."""
+                  rss: RssSampler | None = None, poll: float = 0.05,
+                  verify: bool = True) -> dict[str, Any]:
+    """Configure both sides, migrate, wait, verify digests (unless ``verify`` is
+    False: the caller does it later); returns the raw sample."""
     caps = [{"capability": "multifd", "state": multifd},
             {"capability": "return-path", "state": True}]
     params = {"multifd-channels": channels, "max-bandwidth": 0, **(parameters or {})}
@@ -475,20 +477,26 @@ async def migrate(src: Daemon, dst: Daemon, *, multifd: bool, channels: int,
     dst_info = await dst.execute("query-migrate")
     sample: dict[str, Any] = {"src": info, "dst": dst_info, "wall-s": round(wall, 4)}
     if info.get("status") == "completed":
-        s = await src.execute("x-query-state-digest")
-        d = await dst.execute("x-query-state-digest")
-        smap = {x["id"]: x["digest"] for x in s.get("devices", [])}
-        dmap = {x["id"]: x["digest"] for x in d.get("devices", [])}
-        if "ram" in s or "ram" in d:
-            smap[":ram"] = s.get("ram", {}).get("digest")
-            dmap[":ram"] = d.get("ram", {}).get("digest")
-        sample["verified"] = (smap == dmap and None not in dmap.values()
-                              and d.get("vm-status") == "running")
+        if verify:
+            sample["verified"] = await digests_match(src, dst)
     else:
         sample["verified"] = False
         sample["error"] = info.get("error-desc", info.get("status"))
     sample["metrics"] = derive(info)
     return sample
+
+
+async def digests_match(src: Daemon, dst: Daemon) -> bool:
+    """Both daemons' state digests (devices and RAM) agree, and the destination runs."""
+    s = await src.execute("x-query-state-digest")
+    d = await dst.execute("x-query-state-digest")
+    smap = {x["id"]: x["digest"] for x in s.get("devices", [])}
+    dmap = {x["id"]: x["digest"] for x in d.get("devices", [])}
+    if "ram" in s or "ram" in d:
+        smap[":ram"] = s.get("ram", {}).get("digest")
+        dmap[":ram"] = d.get("ram", {}).get("digest")
+    return bool(smap == dmap and None not in dmap.values()
+                and d.get("vm-status") == "running")
 
 
 def derive(info: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+"""Where the CPU goes during one migration: kernel, interpreter, hashing — per daemon.
+
+Starts the real daemons (as the harness does), records the whole machine with
+``perf record -a`` (Debian's ``linux-perf``; run as root) while one migration runs,
+and prints, for the source, the destination and everything else, the CPU seconds
+spent in each shared object: ``[kernel.kallsyms]`` is the kernel (socket copies,
+TCP, page faults), ``libpython`` the interpreter running our Python code,
+``_xxhash`` the digests, ``swapper`` an idle CPU.  With two CPUs, the sum of the
+busy rows against ``2 × wall`` says whether the run was CPU-bound.  py-spy cannot
+tell this apart (it counts a thread blocked in ``recv_into`` as running).
+
+    python bench/cpu_profile.py ram --channels 4        # 2 GiB of random guest RAM
+    python bench/cpu_profile.py devices --channels 4    # 4 devices, 2 GiB of state
+
+The daemons' digests are compared afterwards (``x-query-state-digest``), outside the
+recorded window; the digests the migration itself checks are inside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.harness import daemon_pair, digests_match, migrate  # noqa: E402
+
+KINDS = {
+    "ram": ([], ["--memory", "2G,fill=random"], ["--memory", "2G"]),
+    "devices": ([f"vfio-sim,id=dev{i},state-size=512M" for i in range(4)], [], []),
+}
+
+
+def perf_samples(data: Path) -> list[tuple[int, int, str, str]]:
+    """(pid, tid, comm, dso) of every sample."""
+    # (dso is only printed next to an address)
+    out = subprocess.run(["perf", "script", "-i", str(data), "-F", "comm,pid,tid,ip,dso"],
+                         capture_output=True, text=True, check=True).stdout
+    samples = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) < 2:
+            continue
+        comm = parts[0]
+        try:
+            pid_s, tid_s = parts[1].split("/")
+            pid, tid = int(pid_s), int(tid_s)
+        except ValueError:
+            continue
+        dso = parts[-1].strip("()") if len(parts) > 3 else "?"
+        samples.append((pid, tid, comm, os.path.basename(dso)))
+    return samples
+
+
+def summarise(samples: list[tuple[int, int, str, str]], freq: int,
+              names: dict[int, str]) -> dict[str, collections.Counter[str]]:
+    table: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for pid, _tid, comm, dso in samples:
+        who = names.get(pid, "idle" if comm == "swapper" else "other")
+        table[who][dso] += 1
+    return {who: collections.Counter({d: n / freq for d, n in c.items()})
+            for who, c in table.items()}
+
+
+async def run(kind: str, channels: int, freq: int) -> None:
+    devices, src_args, dst_args = KINDS[kind]
+    workdir = Path(tempfile.mkdtemp(prefix="mfm-cpu-"))
+    data = workdir / "perf.data"
+    try:
+        async with daemon_pair(devices, src_args=src_args, dst_args=dst_args) as (src, dst):
+            await asyncio.sleep(1)  # let start-up work (filling, pre-faulting) settle
+            perf = subprocess.Popen(["perf", "record", "-a", "-F", str(freq), "-o", str(data),
+                                     "--", "sleep", "600"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await asyncio.sleep(0.5)
+            t0 = time.monotonic()
+            sample = await migrate(src, dst, multifd=channels > 0, channels=max(channels, 1),
+                                   timeout=120, verify=False)
+            wall = time.monotonic() - t0
+            perf.send_signal(signal.SIGINT)
+            perf.wait()
+            names = {src.pid: "source", dst.pid: "destination"}
+            verified = (sample["src"].get("status") == "completed"
+                        and await digests_match(src, dst))
+        m = sample["metrics"]
+        rate = m.get("ram-GBps") if kind == "ram" else m.get("device-GBps")
+        print(f"{kind}, {channels or 'main'} channel(s): {rate:.2f} GB/s, downtime "
+              f"{m.get('downtime-ms')} ms, migrate() took {wall:.2f} s "
+              f"(recording {wall + 0.5:.2f} s on {os.cpu_count()} CPUs), digests "
+              f"{'match' if verified else 'DO NOT MATCH'}")
+        table = summarise(perf_samples(data), freq, names)
+        for who in ("source", "destination", "other", "idle"):
+            row = table.get(who)
+            if not row:
+                continue
+            total = sum(row.values())
+            top = ", ".join(f"{dso} {sec:.2f}" for dso, sec in row.most_common(5))
+            print(f"  {who:<12} {total:5.2f} CPU s: {top}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("kind", choices=sorted(KINDS))
+    ap.add_argument("--channels", type=int, default=4, help="multifd channels (0: main only)")
+    ap.add_argument("--freq", type=int, default=1999, help="samples per second per CPU")
+    args = ap.parse_args()
+    if shutil.which("perf") is None:
+        sys.exit("perf is not installed (Debian: apt-get install linux-perf)")
+    asyncio.run(run(args.kind, args.channels, args.freq))
+
+
+if __name__ == "__main__":
+    main()

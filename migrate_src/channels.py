@@ -144,14 +144,13 @@ class Job:
 
 
 class DeviceStateJob(Job):
-    """Device-state packets whose headers and payload views are already built."""
+    """A device-state packet whose header and payload views are already built."""
 
     kind = "device-state"
-    __slots__ = ("parts", "packets")
+    __slots__ = ("parts",)
 
-    def __init__(self, parts: Sequence[Buffer], packets: int = 1) -> None:
+    def __init__(self, parts: Sequence[Buffer]) -> None:
         self.parts = parts
-        self.packets = packets
 
     def build(self, sender: MultifdSender, chan: _SendChannel) -> Sequence[Buffer]:
         return self.parts

@@ -25,8 +25,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from migrate_common.net import Buffer
-from migrate_src.channels import DeviceStateJob, MainChannel, MultifdSender
+from migrate_src.channels import MainChannel, MultifdSender
 from protocol.control import VfioRecord
 from protocol.multifd import DeviceStateHeader
 from protocol.vfio import (
@@ -41,13 +40,6 @@ from vm.vfio_sim import DeviceState, VfioSimDevice
 __all__ = ["VfioSaveHandler"]
 
 PRECOPY_STATES = (DeviceState.PRE_COPY, DeviceState.PRE_COPY_P2P)
-
-#: Device-state packets (each up to 1 MiB of data) per multifd job.  One: the
-#: destination places a packet in its device once the headers of all lower idx have
-#: arrived, and packets sent back to back on one channel deliver their headers only
-#: 1 MiB apart — with 4 per job, 8 and 16 channels lost up to a third of their
-#: throughput waiting (bench/results, docs/performance.md).
-DEVICE_JOB_PACKETS = 1
 
 
 class VfioSaveHandler:
@@ -155,42 +147,38 @@ class VfioSaveHandler:
 
     async def save_complete_precopy_thread(self, sender: MultifdSender,
                                            abort: asyncio.Event) -> None:
-        """Stream the stop-copy data as device-state packets, then the config packet;
-        ``DEVICE_JOB_PACKETS`` packets in a row go to one channel as one job."""
+        """Stream the stop-copy data as device-state packets, then the config packet."""
         if not self.multifd_transfer:
             return
         await self._ensure_stop_copy()
         idx = 0
-        batch: list[tuple[int, int, Buffer]] = []
         while True:
             if abort.is_set():
                 return
             chunk = await self.device.read(self.buffer_size)
-            if len(chunk):
-                batch.append((idx, 0, chunk))
-                self.stopcopy_bytes += len(chunk)
-                idx += 1
-            if batch and (len(batch) == DEVICE_JOB_PACKETS or not len(chunk)):
-                await self._queue_packets(sender, batch)
-                batch = []
             if not len(chunk):
                 break
+            await self._queue_packet(sender, idx, 0, chunk)
+            self.stopcopy_bytes += len(chunk)
+            idx += 1
         blob = encode_config_blob(self.device.config_blob())
-        await self._queue_packets(sender, [(idx, VfioPacketFlags.CONFIG_STATE, blob)])
+        await self._queue_packet(sender, idx, VfioPacketFlags.CONFIG_STATE, blob)
         self.log.debug("device state queued", packets=idx + 1, bytes=self.stopcopy_bytes)
 
-    async def _queue_packets(self, sender: MultifdSender,
-                             packets: list[tuple[int, int, Buffer]]) -> None:
-        parts: list[Buffer] = []
-        for idx, flags, data in packets:
-            size = VFIO_STATE_PACKET_HEADER.size + len(data)
-            parts.append(DeviceStateHeader(self.idstr, self.instance_id, size).encode()
-                         + VfioStatePacketHeader(idx, flags).encode())
-            parts.append(data)
-            self.transferred += size
-        # the device is stopped, so its data views stay valid until the channel sent them
-        await sender.submit(DeviceStateJob(parts, packets=len(packets)))
-        self.packets += len(packets)
+    # One packet per job, unlike RAM's four: the destination places a packet in its
+    # device once the headers of all lower idx have arrived, and packets sent back to
+    # back on one channel deliver their headers a whole packet apart — with four per
+    # job, 8 and 16 channels lost up to a third of their throughput waiting
+    # (bench/results/full-5, docs/performance.md).
+    async def _queue_packet(self, sender: MultifdSender, idx: int, flags: int,
+                            data: bytes | memoryview) -> None:
+        size = VFIO_STATE_PACKET_HEADER.size + len(data)
+        header = (DeviceStateHeader(self.idstr, self.instance_id, size).encode()
+                  + VfioStatePacketHeader(idx, flags).encode())
+        # the device is stopped, so its data view stays valid until the channel sent it
+        await sender.submit((header, data))
+        self.transferred += size
+        self.packets += 1
 
     async def save_state(self) -> None:
         """FULL section body: the config space, or only a marker in multifd mode."""

@@ -91,6 +91,7 @@ class ChannelClosed:
 ChannelEvent: TypeAlias = InitReceived | DeviceStateReceived | RamPacketReceived | ChannelClosed
 
 _EMPTY = memoryview(b"")
+_DEVICE_STATE = int(PacketFlags.DEVICE_STATE)  # a plain int: no IntFlag built per packet
 
 
 def _target_view(target: memoryview) -> memoryview:
@@ -195,7 +196,7 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
         elif stage is _Stage.HEADER:
             self._flags = PacketHeader.decode(chunk).flags
             self._stage = (
-                _Stage.DEVICE_BODY if self._flags & PacketFlags.DEVICE_STATE else _Stage.RAM_BODY
+                _Stage.DEVICE_BODY if self._flags & _DEVICE_STATE else _Stage.RAM_BODY
             )
         elif stage is _Stage.DEVICE_BODY:
             header = DeviceStateHeader.decode_body(

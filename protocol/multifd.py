@@ -115,6 +115,10 @@ COMPRESSION_MASK = 0x3E
 COMPRESSION_MASK_V1 = 0x0E
 KNOWN_FLAGS = 0x7F
 _KNOWN_FLAGS_V1 = PacketFlags.SYNC | COMPRESSION_MASK_V1
+# Plain ints for the per-packet tests: ``int & IntFlag`` builds an IntFlag each time,
+# a microsecond in enum's Python code.
+_SYNC = int(PacketFlags.SYNC)
+_DEVICE_STATE = int(PacketFlags.DEVICE_STATE)
 _COMPRESSION_METHODS = frozenset(
     {0, PacketFlags.ZLIB, PacketFlags.ZSTD, PacketFlags.QPL, PacketFlags.UADK, PacketFlags.QATZIP}
 )
@@ -317,7 +321,7 @@ class PacketHeader:
 
     @property
     def is_device_state(self) -> bool:
-        return bool(self.flags & PacketFlags.DEVICE_STATE)
+        return bool(self.flags & _DEVICE_STATE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,9 +358,9 @@ class DeviceStateHeader:
         _u32_arg(max_payload, "max_payload", low=1)
         what = "device-state packet"
         _check_known_flags(flags, KNOWN_FLAGS, what)
-        if not flags & PacketFlags.DEVICE_STATE:
+        if not flags & _DEVICE_STATE:
             raise BadFlagsError(f"{what}: flags {flags:#x} lack DEVICE_STATE ({PacketFlags.DEVICE_STATE:#x})")
-        if flags & PacketFlags.SYNC:
+        if flags & _SYNC:
             raise BadFlagsError(f"{what}: SYNC flag set (flags {flags:#x}); device state is never synced")
         if flags & COMPRESSION_MASK:
             raise BadFlagsError(
@@ -433,7 +437,7 @@ class RamPacket:
 
     @property
     def is_sync(self) -> bool:
-        return bool(self.flags & PacketFlags.SYNC)
+        return bool(self.flags & _SYNC)
 
     @property
     def compression(self) -> int:
@@ -454,7 +458,7 @@ class RamPacket:
         flags = self.flags
         if type(flags) is not int and not isinstance(flags, PacketFlags):
             raise ConfigError(f"RAM packet flags must be an int, got {flags!r}")
-        if flags < 0 or flags & ~KNOWN_FLAGS or flags & PacketFlags.DEVICE_STATE:
+        if flags < 0 or flags & ~KNOWN_FLAGS or flags & _DEVICE_STATE:
             raise ConfigError(f"RAM packet flags {flags:#x} invalid for a RAM packet")
         if flags & COMPRESSION_MASK not in _COMPRESSION_METHODS:
             raise ConfigError(f"RAM packet flags {flags:#x} name more than one compression method")
@@ -530,7 +534,7 @@ class RamPacket:
         layout = RamLayout(layout)
         what = "RAM packet"
         known = KNOWN_FLAGS if layout is RamLayout.V2 else _KNOWN_FLAGS_V1
-        if flags & PacketFlags.DEVICE_STATE:
+        if flags & _DEVICE_STATE:
             raise BadFlagsError(f"{what}: DEVICE_STATE flag set (flags {flags:#x})")
         _check_known_flags(flags, known, f"{what} ({layout.name} layout)")
         method = flags & COMPRESSION_MASK

@@ -58,6 +58,7 @@ class VfioPacketFlags(IntFlag):
 
 
 _KNOWN_PACKET_FLAGS = int(VfioPacketFlags.CONFIG_STATE)
+_CONFIG_STATE = int(VfioPacketFlags.CONFIG_STATE)  # a plain int: no IntFlag per packet
 
 
 class VfioMigFlag(IntEnum):
@@ -80,7 +81,7 @@ class VfioStatePacketHeader:
 
     @property
     def is_config(self) -> bool:
-        return bool(self.flags & VfioPacketFlags.CONFIG_STATE)
+        return bool(self.flags & _CONFIG_STATE)
 
     def encode(self) -> bytes:
         if type(self.idx) is not int or not 0 <= self.idx < IDX_INVALID:

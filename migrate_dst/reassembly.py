@@ -75,6 +75,7 @@ class Reassembly:
         self.last_idx: int | None = None        # idx of the config packet, once seen
         self._claimed: dict[int, int | None] = {}   # idx → offset in the stream, if known
         self._sizes: dict[int, int] = {}      # sizes of claimed packets not yet placed
+        self._given: set[int] = set()         # claimed packets handed a place in the device
         self._placed_idx = 0                  # every idx below this has a known offset
         self._placed_end = 0                  # the stream offset of _placed_idx
         self._base: int | None = None         # where the stream starts in the image
@@ -116,7 +117,10 @@ class Reassembly:
                     return None
                 self._placeable.wait(remaining)
                 self._check_closed()
-            return self._target(self._base + offset, size)
+            target = self._target(self._base + offset, size)
+            if target is not None:
+                self._given.add(idx)
+            return target
 
     def _claim(self, idx: int, is_config: bool, size: int) -> None:
         dev = self.device_id
@@ -180,7 +184,7 @@ class Reassembly:
             offset = None
             if data is None:
                 stream_offset = self._claimed[idx]
-                if stream_offset is None or self._base is None:
+                if idx not in self._given or stream_offset is None or self._base is None:
                     raise SequenceError(f"device {dev}: idx {idx} has no data and no place")
                 offset = self._base + stream_offset
                 self.in_place_packets += 1
@@ -199,17 +203,20 @@ class Reassembly:
         with self._lock:
             self._base = base
             self._placeable.notify_all()
+            self._arrived.notify_all()
 
     def get(self) -> QueuedBuffer | None:
-        """The buffer with the next idx, waiting until it arrives; None once closed."""
+        """The buffer with the next idx, waiting until it arrives and :meth:`start` was
+        called; None once closed."""
         with self._arrived:
             while True:
                 if self._closed:
                     return None
-                buf = self._slots.pop(self.next_idx, None)
-                if buf is not None:
-                    self.next_idx += 1
-                    return buf
+                if self._base is not None:
+                    buf = self._slots.pop(self.next_idx, None)
+                    if buf is not None:
+                        self.next_idx += 1
+                        return buf
                 self._arrived.wait()
 
     def done_with(self, buf: QueuedBuffer) -> None:
@@ -217,6 +224,7 @@ class Reassembly:
         with self._lock:
             self.queued_bytes -= buf.size
             self._claimed.pop(buf.idx, None)
+            self._given.discard(buf.idx)
         buf.release()
 
     def pause(self, seconds: float) -> bool:

@@ -14,12 +14,14 @@ from migrate_dst.reassembly import Reassembly
 from protocol.errors import LimitExceededError, SequenceError
 
 
-def make(max_count=None, max_bytes=None, capacity=1 << 30, target=None, place_wait=0.0
-         ) -> tuple[Reassembly, list[int]]:
+def make(max_count=None, max_bytes=None, capacity=1 << 30, target=None, place_wait=0.0,
+         started=True) -> tuple[Reassembly, list[int]]:
     released: list[int] = []
     r = Reassembly("d", max_count=max_count, max_bytes=max_bytes, capacity=capacity,
                    target=target)
     r.place_wait = place_wait  # most tests: no waiting for earlier headers
+    if started:
+        r.start(base=0)  # SWITCHOVER_START
     return r, released
 
 
@@ -150,7 +152,7 @@ class Image:
 
 def test_nothing_is_placed_before_switchover_start():
     image = Image(100)
-    r, _ = make(target=image.target)
+    r, _ = make(target=image.target, started=False)
     assert r.claim(0, False, 10) is None
     r.start(base=0)
     assert r.claim(1, False, 10) is not None
@@ -238,7 +240,7 @@ def test_a_claim_waits_for_the_earlier_header_from_another_thread():
 
 def test_a_claim_waits_for_switchover_start():
     image = Image(100)
-    r, _ = make(target=image.target, place_wait=10.0)
+    r, _ = make(target=image.target, place_wait=10.0, started=False)
     got: list[object] = []
     waiter = threading.Thread(target=lambda: got.append(r.claim(0, False, 10)))
     waiter.start()
@@ -258,7 +260,7 @@ def test_a_claim_gives_up_waiting_and_takes_a_buffer():
 
 
 def test_close_wakes_a_waiting_claim():
-    r, _ = make(target=Image(100).target, place_wait=10.0)
+    r, _ = make(target=Image(100).target, place_wait=10.0, started=False)
     errors: list[BaseException] = []
 
     def claim() -> None:
@@ -283,3 +285,18 @@ def test_pause_sleeps_through_arrivals():
     assert r.pause(0.1) is True
     feeder.join(5)
     assert time.monotonic() - start >= 0.1
+
+
+def test_the_load_thread_gets_nothing_before_switchover_start():
+    """Buffers that arrive early wait: the main channel may still be writing the
+    device's pre-copy data, which comes first in its image."""
+    r, released = make(started=False)
+    put(r, released, 0)
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(r.get()))
+    waiter.start()
+    waiter.join(0.05)
+    assert waiter.is_alive() and not got
+    r.start(base=0)
+    waiter.join(5)
+    assert len(got) == 1 and got[0].idx == 0  # type: ignore[attr-defined]

@@ -169,11 +169,13 @@ Runner = Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]
 
 
 async def run_points(ctx: Context, scenario: str, points: list[dict[str, Any]],
-                     run: Runner, show: Callable[[dict[str, Any]], str]) -> None:
-    """Every point ``repeat`` times, round-robin so drift spreads over all points."""
+                     run: Runner, show: Callable[[dict[str, Any]], str],
+                     repeat: int | None = None) -> None:
+    """Every point ``repeat`` (default ``ctx.repeat``) times, round-robin so drift
+    spreads over all points."""
     for p in points:
         p.setdefault("samples", [])
-    for rep in range(ctx.repeat):
+    for rep in range(repeat or ctx.repeat):
         for p in points:
             t0 = time.monotonic()
             for attempt in range(1 + ctx.retries):
@@ -510,6 +512,10 @@ def _eval_downtime_devices(result: dict[str, Any]) -> None:
 
 # -- scaling -----------------------------------------------------------------------------
 
+#: Samples per point of the scaling sweeps (unless --repeat asks for more, or is 1).
+SCALING_REPEAT = 5
+
+
 async def scaling(ctx: Context) -> dict[str, Any]:
     points: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -536,7 +542,10 @@ async def scaling(ctx: Context) -> dict[str, Any]:
             return await migrate(src, dst, multifd=True, channels=p["channels"],
                                  timeout=_timeout(p["bytes"]))
 
-    await run_points(ctx, "scaling", points, run, _show_device)
+    # its target compares points with each other, where one disturbed sample in three
+    # moves a median by 20-40 % on this machine: five samples per point at least
+    await run_points(ctx, "scaling", points, run, _show_device,
+                     repeat=ctx.repeat if ctx.repeat == 1 else max(ctx.repeat, SCALING_REPEAT))
     return {"name": "scaling",
             "title": f"Scaling: total device state (4 devices) and device count "
                      f"({human(total)} in all); multifd, {ctx.downtime_channels} channels",

@@ -71,6 +71,12 @@ class BufferPool:
 #: earlier ones (besides the one it is receiving into).
 AHEAD = 1
 
+#: Bytes a receive thread asks for between payloads: a whole RAM packet header (12 +
+#: 308 + 8 × 128 bytes with 4 KiB pages), or a device-state header and its VFIO
+#: header, with room to spare.  The decoder's buffer would take 64 KiB, and what it
+#: holds of a payload is then copied again.
+HEADER_READ = 4096
+
 DeviceLookup = Callable[[str, int], Any]
 
 
@@ -152,8 +158,13 @@ class ReceiveChannel:
         try:
             while True:
                 view = decoder.buffer()
+                body = decoder.receiving_body
+                if not body:
+                    # bytes read with a header are copied into their payload in Python
+                    # (holding the GIL): take little more than the largest header
+                    view = view[:HEADER_READ]
                 try:
-                    n = recv_into(self.sock, view, stopper, decoder.receiving_body)
+                    n = recv_into(self.sock, view, stopper, body)
                 except OSError as exc:
                     raise ChannelError(f"multifd channel {self.id}: receive failed: "
                                        f"{exc.strerror or exc}", channel=str(self.id)) from exc

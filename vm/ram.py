@@ -890,6 +890,16 @@ class GuestRam:
 
     # -- applying pages (destination) ------------------------------------------
 
+    def _check_runs(self, block: RamBlock, offsets: Sequence[int],
+                    runs: list[tuple[int, int, int, int]]) -> None:
+        """:meth:`_check_offsets`, cheaper when the pages form one run (the usual case:
+        a run is valid when its start is aligned and it lies inside the block)."""
+        if len(runs) == 1:
+            start, stop = runs[0][2], runs[0][3]
+            if start >= 0 and not start % self.page_size and stop <= block.used_length:
+                return
+        self._check_offsets(block, offsets)
+
     def _check_offsets(self, block: RamBlock, offsets: Sequence[int]) -> None:
         ps, last = self.page_size, block.used_length - self.page_size
         # whole-batch checks in C first (page sizes are powers of two); the loop
@@ -921,9 +931,9 @@ class GuestRam:
                 f"RAM block {block.name!r}: payload of {data.nbytes} bytes for "
                 f"{len(offsets)} pages of {ps} bytes"
             )
-        self._check_offsets(block, offsets)
-        view = block.view
         runs = page_runs(offsets, ps)
+        self._check_runs(block, offsets, runs)
+        view = block.view
         for i, j, start, stop in runs:
             view[start:stop] = data[i * ps : j * ps]
         self._mark_runs(block, runs)
@@ -938,9 +948,9 @@ class GuestRam:
         same page concurrently, which the multifd sync barrier guarantees.
         """
         self._own(block)
-        self._check_offsets(block, offsets)
-        view = block.view
         runs = page_runs(offsets, self.page_size)
+        self._check_runs(block, offsets, runs)
+        view = block.view
         self._mark_runs(block, runs)
         return [view[start:stop] for _, _, start, stop in runs]
 

@@ -179,7 +179,8 @@ class DaemonBase:
                             "device-state": device.state.name.lower().replace("_", "-")})
         result: dict[str, Any] = {"devices": devices, "vm-status": self.vm.run_state.value}
         if self.vm.ram is not None:
-            result["ram"] = {"digest": await self.vm.ram.digest_async(),
+            # independent of the digest cache the migrations use
+            result["ram"] = {"digest": await self.vm.ram.digest_async(fresh=True),
                              "size": self.vm.ram.total_size,
                              "blocks": {b.name: b.used_length
                                         for b in self.vm.ram.blocks.values()}}

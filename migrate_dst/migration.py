@@ -252,6 +252,8 @@ class IncomingMigration:
         err = self.funnel.error or ChannelError("incoming migration aborted")
         self.error_desc = describe(err)
         await self.funnel.close()
+        if self.ram_handler is not None:
+            await self.ram_handler.prehasher.stop()
         if self.recorder is not None:
             self.recorder.update_meta(error=self.error_desc)
             self.recorder.close()
@@ -292,6 +294,8 @@ class IncomingMigration:
 
     async def _finish_success(self) -> None:
         await self.funnel.close()
+        if self.ram_handler is not None:
+            await self.ram_handler.prehasher.stop()
         if self.recorder is not None:
             self.recorder.close()
         for handler in self.handlers.values():
@@ -583,6 +587,8 @@ class IncomingMigration:
                                         f"does not match the source's {theirs}")
             digests[device_id] = mine
         if self.vm.ram is not None:
+            if self.ram_handler is not None:
+                await self.ram_handler.prehasher.stop()
             mine = await self.vm.ram.digest_async()
             theirs = eof.digests.get(RAM_DIGEST_KEY)
             if theirs != mine:

@@ -25,7 +25,7 @@ from migrate_dst.load import SectionKind
 from protocol.control import RamEos, RamFlush, RamPages, RamSetup, RamZeroPages
 from protocol.errors import ConfigError, SequenceError, UnknownDeviceError
 from protocol.multifd import RamPacket
-from vm.ram import GuestRam
+from vm.ram import GuestRam, Prehasher
 
 __all__ = ["RamLoadHandler", "RecvSync"]
 
@@ -83,12 +83,14 @@ class RamLoadHandler:
         self.zero_pages = 0
         self.packets = 0
         self._count_lock = threading.Lock()  # receive threads count too
+        self.prehasher = Prehasher(ram, incoming=True)
 
     async def load_setup(self) -> None:
         # "received" must keep meaning "may hold data": a failed attempt can have left
         # pages behind, and a zero page sent now must overwrite them, so it is never
-        # reset between attempts
-        return
+        # reset between attempts.  Settled chunks are hashed while pages arrive, so the
+        # digest at the end (in the downtime) has little left to do.
+        self.prehasher.start()
 
     def check_setup(self, setup: RamSetup) -> None:
         mine = {b.name: b.used_length for b in self.ram.blocks.values()}
@@ -188,6 +190,8 @@ class RamLoadHandler:
             block = self.ram.blocks[packet.ramblock]
             if payload is not None and packet.normal_pages:
                 self.ram.write_pages(block, packet.normal_offsets, payload)
+            elif packet.normal_pages:  # received in place: the digest must see them
+                self.ram.written(block, packet.normal_offsets)
             if packet.zero_pages:
                 self.ram.zero_pages(block, packet.zero_offsets)
         self._count(packet.normal_pages, packet.zero_pages, 1)

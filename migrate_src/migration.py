@@ -413,6 +413,12 @@ class OutgoingMigration:
                 f"{self.bandwidth / 1e6:.0f} MB/s: raise max-bandwidth or downtime-limit, "
                 "or cancel")
 
+    async def _final_ram_digest(self) -> str:
+        assert self.vm.ram is not None
+        if self.ram_handler is not None:
+            await self.ram_handler.prehasher.stop()
+        return await self.vm.ram.digest_async()
+
     def _checkpoint(self, name: str) -> None:
         assert self.downtime_start is not None
         self.checkpoints[name] = round((self.clock() - self.downtime_start) * 1000, 3)
@@ -431,7 +437,7 @@ class OutgoingMigration:
             self.pacer.limit = 0  # no throttling while the VM is stopped
         if self.vm.ram is not None:
             # the guest is stopped, so this is the content the destination must end with
-            self._ram_digest = asyncio.ensure_future(self.vm.ram.digest_async())
+            self._ram_digest = asyncio.ensure_future(self._final_ram_digest())
         # VM-state callbacks: every device quiesces at the same time
         await asyncio.gather(*(h.on_vm_stop() for h in self.handlers))
         self._checkpoint("vm-stopped")

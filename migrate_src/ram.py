@@ -22,7 +22,7 @@ from typing import Any
 
 from migrate_src.channels import JOB_PACKETS, MainChannel, MultifdSender, RamJob
 from protocol.control import RamEos, RamFlush, RamPages, RamSetup, RamZeroPages
-from vm.ram import GuestRam, RamBlock, is_zero_page
+from vm.ram import GuestRam, Prehasher, RamBlock, is_zero_page
 
 __all__ = ["RamSaveHandler"]
 
@@ -51,6 +51,7 @@ class RamSaveHandler:
         self.log = log.bind(section="ram")
         self.on_pass = on_pass
         self.page_size = ram.page_size
+        self.prehasher = Prehasher(ram)
         # statistics, QEMU's names
         self.normal_pages = 0          # main-channel normal pages (multifd: see sender)
         self.zero_pages = 0            # main-channel zero pages (legacy detection)
@@ -70,6 +71,8 @@ class RamSaveHandler:
                                                       for b in ram.blocks.values()}))
         ram.start_migration()
         ram.begin_round()
+        # hash settled chunks now, so the digest at VM stop has little left to do
+        self.prehasher.start()
         self._last_sync = time.monotonic()
         await self._flush_and_sync()
         await self.main.send(RamEos())
@@ -186,6 +189,7 @@ class RamSaveHandler:
         """RAM has no non-iterable state."""
 
     async def save_cleanup(self, completed: bool) -> None:
+        await self.prehasher.stop()
         self.ram.stop_dirty_tracking()
 
     def stats(self, sender: MultifdSender | None) -> dict[str, Any]:

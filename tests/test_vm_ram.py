@@ -6,6 +6,7 @@ import os
 import random
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -467,8 +468,11 @@ async def test_copy_through_batches_gives_equal_digest():
     assert copy_round(src, dst) == 50
     assert src.digest() == dst.digest()
 
-    # one differing byte is noticed
+    # one differing byte is noticed: by a fresh digest when it went around GuestRam,
+    # by any digest once a writer marks it
     dst.blocks["rom"].page(1)[100] ^= 1
+    assert src.digest() != dst.digest(fresh=True)
+    dst.written(dst.blocks["rom"], [PS])
     assert src.digest() != dst.digest()
 
 
@@ -695,3 +699,112 @@ def test_check_offsets_like_the_reference(offsets):
     else:
         views = _CHECKED.receive_targets(block, offsets)
         assert sum(v.nbytes for v in views) == len(offsets) * PS
+
+
+# -- the digest cache and prehash ----------------------------------------------------
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """64 KiB digest chunks, and a log of the sizes of the chunks actually hashed."""
+    import vm.ram as ram_module
+    hashed: list[int] = []
+    real = ram_module._chunk_digest
+
+    def counting(view: memoryview) -> bytes:
+        hashed.append(len(view))
+        return real(view)
+    monkeypatch.setattr(ram_module, "DIGEST_CHUNK", 64 * KiB)
+    monkeypatch.setattr(ram_module, "_chunk_digest", counting)
+    return hashed
+
+
+def test_digest_hashes_only_chunks_written_since(small_chunks: list[int]) -> None:
+    guest = ram("1M", role="destination")      # 16 chunks
+    first = guest.digest()
+    assert len(small_chunks) == 16
+    small_chunks.clear()
+    assert guest.digest() == first and small_chunks == []   # all cached
+    block = guest.blocks[MAIN_BLOCK]
+    block.page(20)[:] = b"\x01" * PS                        # page 20 is in chunk 1
+    guest.mark_dirty(block, 20)
+    changed = guest.digest()
+    assert changed != first and len(small_chunks) == 1
+    assert changed == guest.digest(fresh=True)
+
+
+@pytest.mark.parametrize("writer", ["write_pages", "zero_pages", "receive_targets+written"])
+def test_every_writer_invalidates_its_chunks(small_chunks: list[int], writer: str) -> None:
+    guest = ram("1M", role="destination")
+    block = guest.blocks[MAIN_BLOCK]
+    offsets = [40 * PS, 41 * PS]                             # chunk 2
+    guest.write_pages(block, offsets, b"\x07" * (2 * PS))   # received before: zero pages memset
+    guest.digest()
+    small_chunks.clear()
+    if writer == "write_pages":
+        guest.write_pages(block, offsets, b"\x09" * (2 * PS))
+    elif writer == "zero_pages":
+        guest.zero_pages(block, offsets)
+    else:
+        for view in guest.receive_targets(block, offsets):
+            view[:] = b"\x0b" * len(view)
+        guest.written(block, offsets)
+    assert guest.digest() == guest.digest(fresh=True)
+    assert small_chunks.count(64 * KiB) == 1 + 16            # one cached pass, one fresh
+
+
+def test_a_write_during_a_hash_is_not_cached(small_chunks: list[int],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import vm.ram as ram_module
+    monkeypatch.setattr(ram_module, "DIGEST_THREADS", 1)  # chunks in order: 0 first
+    guest = ram("1M", role="destination")
+    block = guest.blocks[MAIN_BLOCK]
+    real = ram_module._chunk_digest
+
+    def racing(view: memoryview) -> bytes:
+        first = not small_chunks
+        result = real(view)              # (the fixture's counter: logs the hash)
+        if first:                        # while chunk 0 is hashed, a receiver starts
+            guest.receive_targets(block, [0])
+        return result
+    monkeypatch.setattr(ram_module, "_chunk_digest", racing)
+    guest.digest()
+    small_chunks.clear()
+    guest.digest()
+    assert small_chunks == [64 * KiB]    # chunk 0 again, the rest from the cache
+
+
+def test_prehash_hashes_settled_chunks_then_stops(small_chunks: list[int]) -> None:
+    import threading
+    guest = ram("1M", role="source")
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: setattr(worker, "n", guest.prehash(stop, 0.01)))
+    worker.start()
+    block = guest.blocks[MAIN_BLOCK]
+    deadline = time.monotonic() + 5
+    while len(small_chunks) < 15 and time.monotonic() < deadline:
+        guest.mark_dirty(block, 0)        # chunk 0 stays hot: never settles
+        time.sleep(0.002)
+    stop.set()
+    worker.join(5)
+    assert not worker.is_alive() and worker.n == 15 == len(small_chunks)  # type: ignore[attr-defined]
+    small_chunks.clear()
+    guest.digest()
+    assert small_chunks == [64 * KiB]    # only the hot chunk is left for the digest
+
+
+def test_incoming_prehash_skips_chunks_not_received_yet(small_chunks: list[int]) -> None:
+    import threading
+    guest = ram("1M", role="destination")
+    block = guest.blocks[MAIN_BLOCK]
+    after = guest.generation()
+    guest.write_pages(block, [PS * 16 * i for i in range(3)], b"\x05" * (3 * PS))  # chunks 0-2
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: guest.prehash(stop, 0.01, written_after=after))
+    worker.start()
+    deadline = time.monotonic() + 5
+    while len(small_chunks) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    stop.set()
+    worker.join(5)
+    assert len(small_chunks) == 3        # the 13 chunks still to come were left alone

@@ -35,6 +35,7 @@ from __future__ import annotations
 import array
 import asyncio
 import bisect
+import itertools
 import mmap
 import os
 import random
@@ -453,6 +454,13 @@ def block_file_name(name: str) -> str:
 # -- blocks ---------------------------------------------------------------------
 
 
+#: RAM digest: content is hashed in chunks of this size, by this many threads.
+DIGEST_CHUNK: Final = 64 * MiB
+DIGEST_THREADS: Final = max(1, min(4, os.cpu_count() or 1))
+#: :meth:`GuestRam.prehash`: a chunk is hashed once nothing wrote to it for this long.
+PREHASH_SETTLE: Final = 0.05
+
+
 class RamBlock:
     """One named region of guest RAM (QEMU's ``RAMBlock``).
 
@@ -625,6 +633,18 @@ class GuestRam:
         self._received_count = 0
         # receive threads mark pages they fill in place (see receive_targets)
         self._count_lock = threading.Lock()
+        # digest cache: every DIGEST_CHUNK of every block has a write generation,
+        # set from one counter by every writer *after* its write (receivers also
+        # before); a chunk's hash is reused while its generation is what it was when
+        # the hash began (see digest and prehash)
+        self._chunk_first: dict[str, int] = {}
+        nchunks = 0
+        for block in self._block_list:
+            self._chunk_first[block.name] = nchunks
+            nchunks += -(-block.used_length // DIGEST_CHUNK)
+        self._generations = itertools.count(1)
+        self._chunk_gen = [0] * nchunks
+        self._chunk_hash: list[tuple[int, bytes] | None] = [None] * nchunks
 
     def __repr__(self) -> str:
         return (
@@ -695,7 +715,13 @@ class GuestRam:
             except BaseException:
                 self._unmap()
                 raise
+            self._forget_hashes()
             self._state = "prepared"
+
+    def _forget_hashes(self) -> None:
+        gen = next(self._generations)
+        self._chunk_gen = [gen] * len(self._chunk_gen)
+        self._chunk_hash = [None] * len(self._chunk_hash)
 
     def _fill(self) -> None:
         fill, seed = self.config.fill, self.config.seed
@@ -766,10 +792,9 @@ class GuestRam:
         return self._bitmap is not None
 
     def mark_dirty(self, block: RamBlock, index: int) -> None:
-        """The guest wrote page ``index`` of ``block``: set its byte in the live log.
-
-        A no-op while dirty tracking is off (no migration running).
-        """
+        """The guest wrote page ``index`` of ``block``: set its byte in the live log
+        (a no-op while dirty tracking is off: no migration running) and make the
+        digest hash that page's chunk again."""
         if not 0 <= index < block.npages:
             raise DeviceError(
                 f"RAM block {block.name!r}: page index {index} out of range 0..{block.npages - 1}"
@@ -777,6 +802,25 @@ class GuestRam:
         live = self._live
         if live is not None:
             live[block.base_page + index] = 1
+        self._chunk_gen[self._chunk_first[block.name]
+                        + index * self.page_size // DIGEST_CHUNK] = next(self._generations)
+
+    def _touch(self, block: RamBlock, start: int, stop: int) -> None:
+        """Bytes ``[start, stop)`` of ``block`` are being or were written: a new
+        generation for their chunks (``next`` on the counter is atomic under the GIL)."""
+        if stop <= start:
+            return
+        first = self._chunk_first[block.name]
+        gen = next(self._generations)
+        chunk_gen = self._chunk_gen
+        for c in range(first + start // DIGEST_CHUNK, first + (stop - 1) // DIGEST_CHUNK + 1):
+            chunk_gen[c] = gen
+
+    def written(self, block: RamBlock, offsets: Sequence[int]) -> None:
+        """Pages at ``offsets`` were received in place (after :meth:`receive_targets`):
+        their chunks get a generation newer than any hash begun meanwhile."""
+        if offsets:
+            self._touch(block, min(offsets), max(offsets) + self.page_size)
 
     def start_migration(self) -> None:
         """Start dirty tracking: every page dirty (the first round), live log empty.
@@ -955,6 +999,8 @@ class GuestRam:
         return [view[start:stop] for _, _, start, stop in runs]
 
     def _mark_runs(self, block: RamBlock, runs: list[tuple[int, int, int, int]]) -> None:
+        for run in runs:  # (before a receive into them; after a write_pages copy)
+            self._touch(block, run[2], run[3])
         received = self._received
         base = block.base_page
         ones = self._ones_view
@@ -995,6 +1041,7 @@ class GuestRam:
                 fresh += 1
         with self._count_lock:
             self._received_count += fresh
+        self.written(block, offsets)
 
     def reset_received(self) -> None:
         """Forget which pages were received (a new incoming migration).
@@ -1011,25 +1058,53 @@ class GuestRam:
 
     # -- digests -----------------------------------------------------------------
 
-    def digest(self) -> str:
+    def _chunks(self) -> list[memoryview]:
+        return [block.view[start:start + DIGEST_CHUNK]
+                for block in self._block_list
+                for start in range(0, block.used_length, DIGEST_CHUNK)]
+
+    def _hash_chunk(self, c: int, view: memoryview) -> bytes:
+        """Chunk ``c``'s hash, from the cache when nothing wrote to it since."""
+        gen = self._chunk_gen[c]
+        cached = self._chunk_hash[c]
+        if cached is not None and cached[0] == gen:
+            return cached[1]
+        digest = _chunk_digest(view)
+        if self._chunk_gen[c] == gen:  # no write began meanwhile: keep it
+            self._chunk_hash[c] = (gen, digest)
+        return digest
+
+    def digest(self, fresh: bool = False) -> str:
         """Hex xxh3-128 over every block in order: name, length, then the xxh3-128 of
         each DIGEST_CHUNK of its content.
 
-        The chunks are hashed by up to DIGEST_THREADS threads at once (xxhash releases
-        the GIL): on the destination this hash is part of the downtime, and with two
-        cores it takes about half as long as one sequential pass.
+        A chunk nothing wrote to since its last hash is not hashed again (every
+        writer of guest memory goes through this class or the workload, which sets
+        the chunk's write generation; :meth:`prehash` fills the cache while a
+        migration runs).  ``fresh`` hashes everything, trusting no cache: what an
+        independent check (``x-query-state-digest``) wants — a write that went around
+        this class, like a flipped bit, is only seen that way.  The others are hashed by up to DIGEST_THREADS threads at
+        once (xxhash releases the GIL).  Call it with the writers quiet (VM stopped,
+        every page received): a chunk written during the call may be hashed with
+        part of the write.
         """
         if self._state != "prepared":
             raise StateError(f"guest RAM is {self._state}, not prepared", state=self._state)
-        chunks = [block.view[start:start + DIGEST_CHUNK]
-                  for block in self._block_list
-                  for start in range(0, block.used_length, DIGEST_CHUNK)]
-        workers = min(DIGEST_THREADS, len(chunks))
+        chunks = self._chunks()
+        def uncached(c: int) -> bytes:
+            return _chunk_digest(chunks[c])
+
+        def cached(c: int) -> bytes:
+            return self._hash_chunk(c, chunks[c])
+
+        hash_one = uncached if fresh else cached
+        todo = [c for c in range(len(chunks)) if fresh or not self._cached(c)]
+        done: dict[int, bytes] = {}
+        workers = min(DIGEST_THREADS, len(todo))
         if workers > 1:
             with ThreadPoolExecutor(workers, thread_name_prefix="ram-digest") as pool:
-                parts = list(pool.map(_chunk_digest, chunks))
-        else:
-            parts = [_chunk_digest(c) for c in chunks]
+                done = dict(zip(todo, pool.map(hash_one, todo), strict=True))
+        parts = [done[c] if c in done else hash_one(c) for c in range(len(chunks))]
         h = xxhash.xxh3_128()
         it = iter(parts)
         for block in self._block_list:
@@ -1039,14 +1114,75 @@ class GuestRam:
                 h.update(next(it))
         return h.hexdigest()
 
-    async def digest_async(self) -> str:
+    def _cached(self, c: int) -> bool:
+        cached = self._chunk_hash[c]
+        return cached is not None and cached[0] == self._chunk_gen[c]
+
+    def generation(self) -> int:
+        """A write generation newer than every write so far."""
+        return next(self._generations)
+
+    def prehash(self, stop: threading.Event, settle: float = PREHASH_SETTLE,
+                written_after: int = 0) -> int:
+        """Hash chunks ahead of :meth:`digest` while writers are busy, until ``stop``.
+
+        Every ``settle`` seconds, hashes the chunks that nothing wrote to since the
+        previous look (a chunk being filled, or hot in the guest, waits), so that
+        the digest at the end — in the downtime — only has to hash what changed
+        last.  ``written_after`` (a :meth:`generation`): only chunks written since,
+        for a destination whose other chunks are still to come.  Runs in a thread
+        of its own; returns how many chunks it hashed.
+        """
+        if self._state != "prepared":
+            return 0
+        chunks = self._chunks()
+        seen = list(self._chunk_gen)
+        hashed = 0
+        while not stop.wait(settle):
+            for c, view in enumerate(chunks):
+                if stop.is_set():
+                    break
+                gen = self._chunk_gen[c]
+                if gen == seen[c] and gen > written_after and not self._cached(c):
+                    self._hash_chunk(c, view)
+                    hashed += 1
+                seen[c] = gen
+        return hashed
+
+    async def digest_async(self, fresh: bool = False) -> str:
         """:meth:`digest` in a worker thread (~30 ms per GiB on one core)."""
-        return await asyncio.to_thread(self.digest)
+        return await asyncio.to_thread(self.digest, fresh)
 
 
-#: RAM digest: content is hashed in chunks of this size, by this many threads.
-DIGEST_CHUNK: Final = 64 * MiB
-DIGEST_THREADS: Final = max(1, min(4, os.cpu_count() or 1))
+
+
+class Prehasher:
+    """Runs :meth:`GuestRam.prehash` in a thread of its own for one migration (on a
+    destination: ``incoming``, only chunks written from :meth:`start` on)."""
+
+    def __init__(self, ram: GuestRam, incoming: bool = False) -> None:
+        self.ram = ram
+        self.incoming = incoming
+        self._after = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.hashed = 0
+
+    def start(self) -> None:
+        if self._thread is None and self.ram.prepared:
+            self._after = self.ram.generation() if self.incoming else 0
+            self._thread = threading.Thread(target=self._run, name="ram-prehash", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        self.hashed = self.ram.prehash(self._stop, written_after=self._after)
+
+    async def stop(self) -> None:
+        """Stop and wait (a chunk in progress takes a few milliseconds)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            await asyncio.to_thread(thread.join)
 
 
 def _chunk_digest(view: memoryview) -> bytes:

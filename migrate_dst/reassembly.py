@@ -22,8 +22,10 @@ the count cap (``x-migration-max-queued-buffers``), the byte cap
 (``x-migration-max-queued-buffers-size``, payload bytes received but not yet loaded;
 placed packets count too), and the device's own capacity (no device takes more data
 than its pre-copy plus stop-copy size), which bounds memory even when both caps are
-unlimited.  Per-packet bookkeeping lives in dicts, so a hostile ``idx`` far ahead
-costs nothing (QEMU grows an array to ``idx + 1`` first and only then checks its cap).
+unlimited; queued packets count as at least 4 KiB each there, so a flood of tiny ones
+cannot grow the bookkeeping either.  Per-packet bookkeeping lives in dicts, so a
+hostile ``idx`` far ahead costs nothing (QEMU grows an array to ``idx + 1`` first and
+only then checks its cap).
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ __all__ = ["Reassembly", "QueuedBuffer", "Target"]
 
 #: How long a packet may wait for the headers before it to learn its place.
 PLACE_WAIT = 0.05
+
+#: Queued packets count as at least this many bytes against the device's capacity
+#: (plus CHARGE_SLACK for a short last data packet and the config packet), so their
+#: number — and the few hundred bytes of bookkeeping each — stays bounded by the
+#: device's size even when a hostile source sends 1-byte packets out of order.
+MIN_CHARGE = 4096
+CHARGE_SLACK = 64 * 1024
 
 #: ``target(offset, size)``: a view of the device at that absolute offset, or None
 Target = Callable[[int, int], "memoryview | None"]
@@ -79,9 +88,13 @@ class Reassembly:
         self._placed_idx = 0                  # every idx below this has a known offset
         self._placed_end = 0                  # the stream offset of _placed_idx
         self._base: int | None = None         # where the stream starts in the image
+        # the hole (first unplaced idx, before SWITCHOVER_START?) a claim last waited
+        # for in vain: later claims behind the same hole take a buffer at once
+        self._gave_up: tuple[int, bool] | None = None
         self._slots: dict[int, QueuedBuffer] = {}
         self._closed = False
         self.queued_bytes = 0
+        self._queued_charge = 0               # queued, each counted as >= MIN_CHARGE
         self.announced_data_bytes = 0
         self.high_water_bytes = 0
         self.high_water_count = 0
@@ -104,6 +117,8 @@ class Reassembly:
             if not place or is_config or self._target is None:
                 return None
             deadline = time.monotonic() + self.place_wait
+            if self._gave_up == (self._placed_idx, self._base is None):
+                deadline = 0.0  # this hole already made a claim wait in vain
             while (offset := self._claimed[idx]) is None or self._base is None:
                 # An earlier header is still on its way on another channel (or
                 # SWITCHOVER_START on the main channel): wait for it rather than take
@@ -114,6 +129,7 @@ class Reassembly:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.unplaced_packets += 1
+                    self._gave_up = (self._placed_idx, self._base is None)
                     return None
                 self._placeable.wait(remaining)
                 self._check_closed()
@@ -176,6 +192,15 @@ class Reassembly:
                     f"device {dev}: {len(self._slots) + 1} queued device-state buffers "
                     f"exceed x-migration-max-queued-buffers={self.max_count}",
                     limit=self.max_count, value=len(self._slots) + 1)
+            charge = max(size, MIN_CHARGE)
+            if self._queued_charge + charge > self.capacity + CHARGE_SLACK:
+                # tiny packets that never come in order: their bookkeeping would grow
+                # with the bytes received even where both caps are unlimited
+                raise LimitExceededError(
+                    f"device {dev}: {len(self._slots) + 1} device-state packets waiting "
+                    f"for their turn, {self._queued_charge + charge} bytes counting each as "
+                    f"at least {MIN_CHARGE}, exceed the device's {self.capacity} bytes",
+                    limit=self.capacity + CHARGE_SLACK, value=self._queued_charge + charge)
             if self.max_bytes is not None and self.queued_bytes + size > self.max_bytes:
                 raise LimitExceededError(
                     f"device {dev}: {self.queued_bytes + size} queued device-state bytes "
@@ -190,6 +215,7 @@ class Reassembly:
                 self.in_place_packets += 1
             self._slots[idx] = QueuedBuffer(idx, is_config, size, data, offset, release)
             self.queued_bytes += size
+            self._queued_charge += charge
             self.packets += 1
             self.high_water_bytes = max(self.high_water_bytes, self.queued_bytes)
             self.high_water_count = max(self.high_water_count, len(self._slots))
@@ -223,6 +249,7 @@ class Reassembly:
         """``buf`` is loaded into the device: unqueue it and recycle its buffer."""
         with self._lock:
             self.queued_bytes -= buf.size
+            self._queued_charge -= max(buf.size, MIN_CHARGE)
             self._claimed.pop(buf.idx, None)
             self._given.discard(buf.idx)
         buf.release()
@@ -243,6 +270,7 @@ class Reassembly:
             slots = list(self._slots.values())
             self._slots.clear()
             self.queued_bytes = 0
+            self._queued_charge = 0
             self._arrived.notify_all()
             self._placeable.notify_all()
         for buf in slots:

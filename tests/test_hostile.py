@@ -242,6 +242,22 @@ def oversized_vfio_chunk() -> bytes:
     return device_packet(0, b"z" * ((1 << 20) + 1))
 
 
+async def tiny_packet_flood(addr: Address) -> None:
+    """1-byte data packets that never come in order (idx 0 is never sent): without
+    caps, only the device's size bounds how many wait."""
+    fake = await fake_after_hello(addr)
+    try:
+        batch = 64
+        for start in range(1, 3000, batch):
+            await fake.send_packets([(i % CHANNELS, device_packet(i, b"t"))
+                                     for i in range(start, start + batch)])
+        await fake.receive(timeout=10)
+    except OSError:  # the destination gave up and closed the channels: expected
+        pass
+    finally:
+        fake.close()
+
+
 CASES: dict[str, tuple[Case, str]] = {
     "bad-magic": (bad_magic, "unknown channel magic"),
     "qemu-main-stream": (qemu_main_stream, "QEVM"),
@@ -270,6 +286,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "data-record-without-data": (data_record_without_data, "without data"),
     "no-hello": (no_hello, "sent no hello"),
     "vfio-chunk-over-1MiB": (during_switchover((0, oversized_vfio_chunk())), "1048576"),
+    "tiny-packet-flood": (tiny_packet_flood, "waiting for their turn"),
 }
 
 

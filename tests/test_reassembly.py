@@ -300,3 +300,34 @@ def test_the_load_thread_gets_nothing_before_switchover_start():
     r.start(base=0)
     waiter.join(5)
     assert len(got) == 1 and got[0].idx == 0  # type: ignore[attr-defined]
+
+
+def test_a_flood_of_tiny_packets_out_of_order_is_bounded():
+    """1-byte packets that never come in order: without caps, their number is still
+    bounded by the device's size (each counts as at least 4 KiB while queued)."""
+    r, released = make(capacity=1 << 20)
+    with pytest.raises(LimitExceededError, match="waiting for their turn") as exc:
+        for idx in range(1, 10_000):
+            put(r, released, idx, size=1)
+    assert r.queued_count == (exc.value.limit) // 4096
+    assert r.queued_count < 300
+
+
+def test_small_packets_in_a_legitimate_order_are_fine():
+    r, released = make(capacity=512 * 1024)
+    for idx in range(1, 128):                # 127 chunks of 4 KiB, all early
+        put(r, released, idx, size=4096)
+    put(r, released, 128, size=300, config=True)
+    put(r, released, 0, size=4096 - 1)       # a short first chunk, then the rest loads
+    assert drain(r) == list(range(129))
+
+
+def test_claims_behind_a_hole_that_timed_out_do_not_wait_again():
+    image = Image(1 << 20)
+    r, _ = make(target=image.target, place_wait=0.05)
+    t0 = time.monotonic()
+    for idx in range(1, 21):                 # idx 0 never comes
+        assert r.claim(idx, False, 10) is None
+    assert time.monotonic() - t0 < 0.5      # one wait, not twenty
+    assert r.unplaced_packets == 20
+    assert r.claim(0, False, 10) is not None  # the hole is filled: placing resumes

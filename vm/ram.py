@@ -1175,7 +1175,10 @@ class Prehasher:
             self._thread.start()
 
     def _run(self) -> None:
-        self.hashed = self.ram.prehash(self._stop, written_after=self._after)
+        try:
+            self.hashed = self.ram.prehash(self._stop, written_after=self._after)
+        except ValueError:  # the memory was unmapped under it (daemon shutting down)
+            pass
 
     async def stop(self) -> None:
         """Stop and wait (a chunk in progress takes a few milliseconds)."""

@@ -67,6 +67,11 @@ def _nothing() -> None:
     pass
 
 
+def _charge(is_config: bool, size: int) -> int:
+    # the one config packet is bounded by itself (config-size); data is the capacity's
+    return 0 if is_config else max(size, MIN_CHARGE)
+
+
 class Reassembly:
     def __init__(self, device_id: str, *, max_count: int | None, max_bytes: int | None,
                  capacity: int, target: Target | None = None) -> None:
@@ -192,7 +197,7 @@ class Reassembly:
                     f"device {dev}: {len(self._slots) + 1} queued device-state buffers "
                     f"exceed x-migration-max-queued-buffers={self.max_count}",
                     limit=self.max_count, value=len(self._slots) + 1)
-            charge = max(size, MIN_CHARGE)
+            charge = _charge(is_config, size)
             if self._queued_charge + charge > self.capacity + CHARGE_SLACK:
                 # tiny packets that never come in order: their bookkeeping would grow
                 # with the bytes received even where both caps are unlimited
@@ -249,7 +254,7 @@ class Reassembly:
         """``buf`` is loaded into the device: unqueue it and recycle its buffer."""
         with self._lock:
             self.queued_bytes -= buf.size
-            self._queued_charge -= max(buf.size, MIN_CHARGE)
+            self._queued_charge -= _charge(buf.is_config, buf.size)
             self._claimed.pop(buf.idx, None)
             self._given.discard(buf.idx)
         buf.release()

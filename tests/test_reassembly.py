@@ -331,3 +331,15 @@ def test_claims_behind_a_hole_that_timed_out_do_not_wait_again():
     assert time.monotonic() - t0 < 0.5      # one wait, not twenty
     assert r.unplaced_packets == 20
     assert r.claim(0, False, 10) is not None  # the hole is filled: placing resumes
+
+
+def test_the_config_packet_does_not_count_against_the_capacity():
+    """A full device's data and its config can all wait at once (the load thread has
+    not started yet): the config is bounded by config-size, not by the capacity."""
+    r, released = make(capacity=2 * 1024 * 1024, started=False)
+    put(r, released, 0, size=1024 * 1024)
+    put(r, released, 1, size=1024 * 1024)
+    put(r, released, 2, size=64 * 1024 + 16, config=True)
+    assert r.queued_count == 3
+    r.start(base=0)
+    assert drain(r) == [0, 1, 2]

@@ -27,12 +27,10 @@ import ssl
 import struct
 from collections.abc import Sequence
 
-from migrate_common.net import drop_sent, stall_error
+from migrate_common.net import Buffer, drop_sent, stall_error
 from protocol.errors import ChannelError
 
 __all__ = ["Stopper", "Stopped", "hand_to_thread", "send_all", "recv_into", "size_buffers"]
-
-Buffer = bytes | bytearray | memoryview
 
 
 class Stopped(Exception):

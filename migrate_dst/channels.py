@@ -31,10 +31,10 @@ from protocol.channel import (
     DeviceStateReceived,
     RamPacketReceived,
 )
-from protocol.multifd import DeviceStateHeader
-from protocol.vfio import VFIO_STATE_PACKET_HEADER
 from protocol.compression import PacketDecompressor, method_flag
 from protocol.errors import ChannelError, SequenceError, UnknownDeviceError
+from protocol.multifd import DeviceStateHeader
+from protocol.vfio import VFIO_STATE_PACKET_HEADER
 
 __all__ = ["BufferPool", "ReceiveChannel"]
 
@@ -82,10 +82,6 @@ DeviceLookup = Callable[[str, int], Any]
 
 def _no_ram(name: str) -> int | None:
     return None
-
-
-def _nothing() -> None:
-    pass
 
 
 class ReceiveChannel:
@@ -242,7 +238,7 @@ class ReceiveChannel:
                            in_place=event.in_place)
         handler = self._handler(header)
         if event.in_place:
-            handler.load_state_buffer(event.payload, _nothing, header.payload_size)
+            handler.load_state_placed(event.payload, header.payload_size)
             return
         # the payload is a view of the pooled buffer the decoder took from allocate()
         buf = event.payload.obj

@@ -31,7 +31,6 @@ from protocol.control import VfioRecord
 from protocol.errors import DeviceError, LimitExceededError, SequenceError
 from protocol.vfio import (
     MAX_DATA_BUFFER_SIZE,
-    VFIO_STATE_PACKET_HEADER,
     VfioMigFlag,
     VfioStatePacketHeader,
     decode_config_blob,
@@ -169,19 +168,18 @@ class VfioLoadHandler:
         size = self._data_size(header, payload_size - len(prefix))
         return self._reassembly().claim(header.idx, header.is_config, size)
 
-    def load_state_buffer(self, payload: memoryview, release: Callable[[], None],
-                          payload_size: int | None = None) -> None:
-        """A device-state packet for this device arrived on some multifd channel
-        (receive thread).  ``payload_size`` given: only its VFIO header is in
-        ``payload``, the data went where :meth:`claim` said."""
-        reassembly = self._reassembly()
-        if payload_size is None:
-            header, data = decode_state_packet(payload)
-            reassembly.put(header.idx, header.is_config, len(data), data, release)
-        else:
-            header = VfioStatePacketHeader.decode(payload)
-            size = self._data_size(header, payload_size - VFIO_STATE_PACKET_HEADER.size)
-            reassembly.put(header.idx, header.is_config, size, None, release)
+    def load_state_buffer(self, payload: memoryview, release: Callable[[], None]) -> None:
+        """A device-state packet for this device arrived in a buffer on some multifd
+        channel (receive thread)."""
+        header, data = decode_state_packet(payload)
+        self._reassembly().put(header.idx, header.is_config, len(data), data, release)
+
+    def load_state_placed(self, prefix: memoryview, payload_size: int) -> None:
+        """A device-state packet whose data went where :meth:`claim` said (receive
+        thread); ``prefix`` is its VFIO header."""
+        header = VfioStatePacketHeader.decode(prefix)
+        size = self._data_size(header, payload_size - len(prefix))
+        self._reassembly().put(header.idx, header.is_config, size, None)
 
     def _reassembly(self) -> Reassembly:
         if self.reassembly is None:

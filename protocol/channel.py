@@ -25,6 +25,7 @@ from typing import TypeAlias
 from protocol._stream import Allocator, StreamDecoder, claim_buffer, default_allocate
 from protocol.errors import ConfigError
 from protocol.multifd import (
+    _DEVICE_STATE,
     COMPRESSION_MASK,
     DEFAULT_MAX_DEVICE_PAYLOAD,
     DEVICE_STATE_BODY_SIZE,
@@ -33,7 +34,6 @@ from protocol.multifd import (
     PACKET_HEADER_SIZE,
     ChannelInit,
     DeviceStateHeader,
-    PacketFlags,
     PacketHeader,
     RamLayout,
     RamPacket,
@@ -91,7 +91,6 @@ class ChannelClosed:
 ChannelEvent: TypeAlias = InitReceived | DeviceStateReceived | RamPacketReceived | ChannelClosed
 
 _EMPTY = memoryview(b"")
-_DEVICE_STATE = int(PacketFlags.DEVICE_STATE)  # a plain int: no IntFlag built per packet
 
 
 def _target_view(target: memoryview) -> memoryview:
@@ -210,7 +209,7 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
                 self._stage = _Stage.DEVICE_PAYLOAD
                 self._start_sink(claim_buffer(self._allocate, header.payload_size))
         elif stage is _Stage.DEVICE_PREFIX:
-            self._device_prefix_received(chunk, events)
+            self._device_prefix_received(chunk)
         else:
             packet = RamPacket.decode_body(
                 self._flags,
@@ -243,7 +242,7 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
                     self._in_place = True
                     self._start_sink(self._targets.pop())
 
-    def _device_prefix_received(self, prefix: memoryview, events: list[ChannelEvent]) -> None:
+    def _device_prefix_received(self, prefix: memoryview) -> None:
         header = self._device
         assert header is not None and self._device_target is not None
         rest = header.payload_size - len(prefix)

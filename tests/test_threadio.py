@@ -117,6 +117,19 @@ class InThread:
 # -- Stopper ------------------------------------------------------------------------------
 
 
+def assert_stop_wakes(stopper: Stopper, call: Callable[[], object]) -> None:
+    """``call`` blocks in a thread; ``stopper.stop()`` ends it with Stopped at once."""
+    blocked = InThread(call)
+    time.sleep(0.2)
+    assert blocked.thread.is_alive()
+    stopped_at = time.monotonic()
+    stopper.stop()
+    with pytest.raises(Stopped):
+        blocked.result()
+    assert blocked.finished_at - stopped_at < 1.0
+    stopper.close()
+
+
 @pytest.mark.parametrize("whole", [False, True])
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_stop_wakes_a_thread_blocked_in_recv(kind: str, whole: bool) -> None:
@@ -126,15 +139,7 @@ def test_stop_wakes_a_thread_blocked_in_recv(kind: str, whole: bool) -> None:
         view = memoryview(bytearray(1000))
         if whole:
             a.sendall(b"x" * 10)  # part of what MSG_WAITALL waits for
-        blocked = InThread(lambda: recv_into(b, view, stopper, whole=whole))
-        time.sleep(0.2)
-        assert blocked.thread.is_alive()
-        stopped_at = time.monotonic()
-        stopper.stop()
-        with pytest.raises(Stopped):
-            blocked.result()
-        assert blocked.finished_at - stopped_at < 1.0
-        stopper.close()
+        assert_stop_wakes(stopper, lambda: recv_into(b, view, stopper, whole=whole))
 
 
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
@@ -143,15 +148,7 @@ def test_stop_wakes_a_thread_blocked_in_send(kind: str) -> None:
         fill_up(a)
         hand_to_thread(a)  # blocking, no stall timeout: would wait forever
         stopper = Stopper(a)
-        blocked = InThread(lambda: send_all(a, [b"y" * (1 << 20)], stopper))
-        time.sleep(0.2)
-        assert blocked.thread.is_alive()
-        stopped_at = time.monotonic()
-        stopper.stop()
-        with pytest.raises(Stopped):
-            blocked.result()
-        assert blocked.finished_at - stopped_at < 1.0
-        stopper.close()
+        assert_stop_wakes(stopper, lambda: send_all(a, [b"y" * (1 << 20)], stopper))
 
 
 def test_after_stop_every_call_raises_stopped() -> None:

@@ -1081,12 +1081,12 @@ class GuestRam:
         A chunk nothing wrote to since its last hash is not hashed again (every
         writer of guest memory goes through this class or the workload, which sets
         the chunk's write generation; :meth:`prehash` fills the cache while a
-        migration runs).  ``fresh`` hashes everything, trusting no cache: what an
-        independent check (``x-query-state-digest``) wants — a write that went around
-        this class, like a flipped bit, is only seen that way.  The others are hashed by up to DIGEST_THREADS threads at
-        once (xxhash releases the GIL).  Call it with the writers quiet (VM stopped,
-        every page received): a chunk written during the call may be hashed with
-        part of the write.
+        migration runs); the others are hashed by up to DIGEST_THREADS threads at once
+        (xxhash releases the GIL).  ``fresh`` hashes everything, trusting no cache:
+        what an independent check (``x-query-state-digest``) wants — a write that went
+        around this class, like a flipped bit, is only seen that way.  Call it with
+        the writers quiet (VM stopped, every page received): a chunk written during
+        the call may be hashed with part of the write.
         """
         if self._state != "prepared":
             raise StateError(f"guest RAM is {self._state}, not prepared", state=self._state)
@@ -1098,13 +1098,13 @@ class GuestRam:
             return self._hash_chunk(c, chunks[c])
 
         hash_one = uncached if fresh else cached
-        todo = [c for c in range(len(chunks)) if fresh or not self._cached(c)]
-        done: dict[int, bytes] = {}
-        workers = min(DIGEST_THREADS, len(todo))
-        if workers > 1:
+        indexes = range(len(chunks))
+        workers = min(DIGEST_THREADS, sum(1 for c in indexes if fresh or not self._cached(c)))
+        if workers > 1:  # (cached chunks cost the pool a function call each)
             with ThreadPoolExecutor(workers, thread_name_prefix="ram-digest") as pool:
-                done = dict(zip(todo, pool.map(hash_one, todo), strict=True))
-        parts = [done[c] if c in done else hash_one(c) for c in range(len(chunks))]
+                parts = list(pool.map(hash_one, indexes))
+        else:
+            parts = [hash_one(c) for c in indexes]
         h = xxhash.xxh3_128()
         it = iter(parts)
         for block in self._block_list:

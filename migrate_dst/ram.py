@@ -154,7 +154,7 @@ class RamLoadHandler:
         if not self.setup_seen:
             return None
         return self.ram.receive_targets(self.ram.blocks[packet.ramblock],
-                                        packet.normal_offsets)
+                                        packet.normal_offsets, packet.normal_run)
 
     def _count(self, normal: int, zero: int, packets: int = 0) -> None:
         with self._count_lock:
@@ -191,7 +191,7 @@ class RamLoadHandler:
             if payload is not None and packet.normal_pages:
                 self.ram.write_pages(block, packet.normal_offsets, payload)
             elif packet.normal_pages:  # received in place: the digest must see them
-                self.ram.written(block, packet.normal_offsets)
+                self.ram.written(block, packet.normal_offsets, packet.normal_run)
             if packet.zero_pages:
                 self.ram.zero_pages(block, packet.zero_offsets)
         self._count(packet.normal_pages, packet.zero_pages, 1)

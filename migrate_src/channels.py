@@ -41,7 +41,7 @@ from protocol.control import (
 )
 from protocol.compression import PacketCompressor
 from protocol.errors import ChannelError, RemoteProtocolError, SequenceError
-from protocol.multifd import ChannelInit, RamPacket, ram_page_count
+from protocol.multifd import ChannelInit, RamPacket, encode_ram_run, ram_page_count
 from vm.ram import RamBlock, page_runs, split_zero_pages
 
 __all__ = ["MainChannel", "MultifdSender", "ChannelStats", "Job", "DeviceStateJob", "RamJob",
@@ -169,7 +169,7 @@ class RamJob(Job):
     kind = "ram"
     __slots__ = ("batches", "detect_zero", "normal", "zero", "packets")
 
-    def __init__(self, batches: list[tuple[RamBlock, list[int]]], detect_zero: bool) -> None:
+    def __init__(self, batches: list[tuple[RamBlock, Sequence[int]]], detect_zero: bool) -> None:
         self.batches = batches
         self.packets = len(batches)
         self.detect_zero = detect_zero
@@ -182,9 +182,24 @@ class RamJob(Job):
         return parts
 
     def _build_packet(self, sender: MultifdSender, chan: _SendChannel, block: RamBlock,
-                      pages: list[int], parts: list[Buffer]) -> None:
+                      pages: Sequence[int], parts: list[Buffer]) -> None:
         size = block.page_size
         view = block.view
+        if type(pages) is range and pages.step == 1 and chan.compressor is None:
+            # the usual batch, consecutive pages: when no page starts with a zero
+            # word (one strided look) every page is normal, and the packet is built
+            # and sent as one span, without a Python int per page
+            first, n = pages.start, len(pages)
+            step = size // 8
+            if n and (not self.detect_zero
+                      or 0 not in block.words[first * step:(first + n) * step:step]):
+                start = first * size
+                parts.append(encode_ram_run(page_count=sender.page_count, page_size=size,
+                                            packet_num=sender.next_packet_num(),
+                                            ramblock=block.name, first=start, pages=n))
+                parts.append(view[start:start + n * size])
+                self.normal += n
+                return
         zero: list[int] = []
         if self.detect_zero:
             normal, zero = split_zero_pages(view, pages, size, block.words)

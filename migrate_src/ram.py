@@ -17,7 +17,7 @@ With ``zero-page-detection=legacy`` zero pages are found here and sent as
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from migrate_src.channels import JOB_PACKETS, MainChannel, MultifdSender, RamJob
@@ -122,7 +122,7 @@ class RamSaveHandler:
         """Hand out one job of up to JOB_PACKETS packets of dirty pages (one batch on
         the main channel); the number of pages, or -1 at the end of the round."""
         count = self.sender.page_count if self.sender else 128
-        batches: list[tuple[RamBlock, list[int]]] = []
+        batches: list[tuple[RamBlock, Sequence[int]]] = []
         npages = 0
         for _ in range(JOB_PACKETS if self.sender is not None else 1):
             batch = self.ram.next_dirty_batch(count)
@@ -150,7 +150,8 @@ class RamSaveHandler:
             self.downtime_bytes += nbytes
         return npages
 
-    async def _send_zero_pages_on_main(self, block: RamBlock, pages: list[int]) -> list[int]:
+    async def _send_zero_pages_on_main(self, block: RamBlock,
+                                      pages: Sequence[int]) -> Sequence[int]:
         size = self.page_size
         view = block.view
         zero = [i for i in pages if is_zero_page(view[i * size:(i + 1) * size])]
@@ -161,7 +162,7 @@ class RamSaveHandler:
             pages = [i for i in pages if i not in zero_set]
         return pages
 
-    async def _send_pages_on_main(self, block: RamBlock, pages: list[int]) -> None:
+    async def _send_pages_on_main(self, block: RamBlock, pages: Sequence[int]) -> None:
         size = self.page_size
         view = block.view
         offsets = tuple(i * size for i in pages)

@@ -22,7 +22,7 @@ import functools
 import struct
 import uuid as _uuid
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from functools import reduce
 from operator import or_
@@ -66,6 +66,7 @@ __all__ = [
     "PacketHeader",
     "DeviceStateHeader",
     "RamPacket",
+    "encode_ram_run",
 ]
 
 MULTIFD_MAGIC = 0x11223344
@@ -149,6 +150,19 @@ assert _RAM_BODY.size == RAM_BODY_FIXED_SIZE
 def _offsets(count: int) -> struct.Struct:
     # One precompiled Struct per array length; counts are bounded by MAX_PAGE_COUNT.
     return struct.Struct(f">{count}Q")
+
+
+@functools.lru_cache(maxsize=4 * MAX_PAGE_COUNT)
+def _run_terms(count: int, page_size: int) -> tuple[int, int]:
+    """(K, C) such that ``first * K + C``, as ``8 * count`` big-endian bytes, is the
+    offset array of ``count`` pages at consecutive offsets from ``first`` (as long as
+    the last offset fits a uint64, no lane carries into the next): one big-int
+    operation instead of ``count`` Python ints, to build that array or to recognise it."""
+    k = c = 0
+    for i in range(count):
+        k = (k << 64) | 1
+        c = (c << 64) | (i * page_size)
+    return k, c
 
 
 def _check_page_size(page_size: int) -> None:
@@ -420,6 +434,10 @@ class RamPacket:
     zero_pages: int
     ramblock: str
     offsets: tuple[int, ...]
+    #: the normal pages lie at consecutive offsets (one span of guest memory): found
+    #: by :meth:`decode_body`, so that receivers skip looking at each offset; a
+    #: packet built by hand leaves it False, which only costs that look
+    normal_run: bool = field(default=False, compare=False, repr=False)
 
     @classmethod
     def sync_packet(cls, packet_num: int) -> RamPacket:
@@ -617,6 +635,7 @@ class RamPacket:
 
         count = normal_pages + zero_pages
         offsets: tuple[int, ...] = ()
+        normal_run = normal_pages == 1
         if count:
             if not ramblock:
                 raise RemoteProtocolError(f"{what}: {count} pages but an empty ramblock name")
@@ -626,10 +645,26 @@ class RamPacket:
                 used = block_size(ramblock)
                 if used is None:
                     raise UnknownDeviceError(f"{what}: unknown RAM block {ramblock!r}")
+            if normal_pages > 1:
+                # the usual packet: consecutive normal pages, recognised without a
+                # Python int per offset, so receivers take them as one span
+                first = offsets[0]
+                k, c = _run_terms(normal_pages, page_size)
+                normal_run = (first <= _U64 - (normal_pages - 1) * page_size
+                              and int.from_bytes(body[RAM_BODY_FIXED_SIZE:RAM_BODY_FIXED_SIZE
+                                                      + 8 * normal_pages], "big")
+                              == first * k + c)
             # whole-array checks in C (page sizes are powers of two); the loop below
-            # only names the first bad offset
-            if (reduce(or_, offsets) & (page_size - 1)
-                    or (used is not None and max(offsets) > used - page_size)):
+            # only names the first bad offset.  A run's middle lies between its ends.
+            rest = offsets[normal_pages:] if normal_run else offsets
+            if rest:
+                low, high = reduce(or_, rest), max(rest)
+            else:
+                low, high = 0, 0
+            if normal_run:
+                low |= offsets[0]
+                high = max(high, offsets[normal_pages - 1])
+            if low & (page_size - 1) or (used is not None and high > used - page_size):
                 cls._reject_offsets(offsets, page_size, used, ramblock)
         return cls(
             flags=flags,
@@ -640,6 +675,7 @@ class RamPacket:
             zero_pages=zero_pages,
             ramblock=ramblock,
             offsets=offsets,
+            normal_run=normal_run,
         )
 
     @staticmethod
@@ -687,3 +723,38 @@ class RamPacket:
             block_size=block_size,
             compression=compression,
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _name_field(name: str) -> bytes:
+    return _encode_name(name, "RAM packet ramblock")
+
+
+def encode_ram_run(*, page_count: int, page_size: int, packet_num: int, ramblock: str,
+                   first: int, pages: int, flags: int = 0) -> bytes:
+    """The bytes ``RamPacket(...).encode(page_count)`` gives for ``pages`` normal pages
+    at consecutive offsets from byte ``first`` of ``ramblock`` (no zero pages, raw
+    payload of ``pages * page_size`` bytes to follow): the sender's common packet,
+    built without a Python int per page."""
+    _check_page_count(page_count)
+    _check_page_size(page_size)
+    if flags & ~KNOWN_FLAGS or flags & (_DEVICE_STATE | _SYNC | COMPRESSION_MASK):
+        raise ConfigError(f"RAM run flags {flags:#x} invalid for an uncompressed run")
+    if type(pages) is not int or not 1 <= pages <= page_count:
+        raise ConfigError(f"RAM run of {pages!r} pages; 1..{page_count} fit a packet")
+    if (type(first) is not int or first < 0 or first & (page_size - 1)
+            or first > _U64 - (pages - 1) * page_size):
+        raise ConfigError(f"RAM run offset {first!r} is not a page-aligned uint64")
+    if type(packet_num) is not int or not 0 <= packet_num <= _U64:
+        raise ConfigError(f"RAM packet packet_num must be a uint64, got {packet_num!r}")
+    name = _name_field(ramblock)
+    if not name:
+        raise ConfigError("RAM packet carries pages but names no ramblock")
+    out = bytearray(RAM_PACKET_FIXED_SIZE + 8 * page_count)
+    _HEADER.pack_into(out, 0, MULTIFD_MAGIC, MULTIFD_VERSION, flags)
+    _RAM_BODY.pack_into(out, PACKET_HEADER_SIZE, page_count, pages, pages * page_size,
+                        packet_num, 0, name)
+    k, c = _run_terms(pages, page_size)
+    out[RAM_PACKET_FIXED_SIZE:RAM_PACKET_FIXED_SIZE + 8 * pages] = \
+        (first * k + c).to_bytes(8 * pages, "big")
+    return bytes(out)

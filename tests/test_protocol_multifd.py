@@ -35,6 +35,7 @@ from protocol.multifd import (
     PacketHeader,
     RamLayout,
     RamPacket,
+    encode_ram_run,
     max_compressed_size,
     ram_packet_size,
     ram_page_count,
@@ -586,6 +587,91 @@ def test_ram_roundtrip(case: tuple[RamPacket, int]) -> None:
     wire = packet.encode(page_count)
     assert len(wire) == ram_packet_size(page_count)
     assert RamPacket.decode(wire, page_count=page_count, page_size=page_size) == packet
+
+
+# --------------------------------------------------------------------------------------
+# runs: the sender's one-span packets and the receiver's recognition of them
+
+RUNS = [  # (first offset, pages, page size)
+    (0, 128, 4096),
+    (4096 * 77, 5, 4096),
+    (1 << 40, 128, 4096),
+    (0, 1, 4096),
+    (65536 * 3, 8, 65536),
+    ((1 << 64) - 128 * 4096, 128, 4096),  # the last offset is the largest uint64 page
+]
+
+
+@pytest.mark.parametrize(("first", "pages", "page_size"), RUNS)
+def test_encode_ram_run_is_the_general_encoding(first: int, pages: int, page_size: int) -> None:
+    page_count = ram_page_count(page_size)
+    wire = encode_ram_run(page_count=page_count, page_size=page_size, packet_num=9,
+                          ramblock="pc.ram", first=first, pages=pages)
+    packet = RamPacket(flags=0, pages_alloc=page_count, normal_pages=pages,
+                       next_packet_size=pages * page_size, packet_num=9, zero_pages=0,
+                       ramblock="pc.ram", offsets=tuple(range(first, first + pages * page_size,
+                                                               page_size)))
+    assert wire == packet.encode(page_count)
+    decoded = RamPacket.decode(wire, page_count=page_count, page_size=page_size)
+    assert decoded == packet and decoded.normal_run
+
+
+@pytest.mark.parametrize("args", [
+    {"pages": 0}, {"pages": 129}, {"first": 100}, {"first": -4096},
+    {"first": (1 << 64) - 4096}, {"packet_num": -1}, {"ramblock": ""}, {"ramblock": "a\0b"},
+    {"flags": int(PacketFlags.SYNC)}, {"flags": int(PacketFlags.ZLIB)}, {"page_size": 3000},
+    {"page_count": 0},
+])
+def test_encode_ram_run_rejects_bad_input(args: dict[str, object]) -> None:
+    call: dict[str, object] = {"page_count": 128, "page_size": 4096, "packet_num": 1,
+                               "ramblock": "pc.ram", "first": 0, "pages": 128}
+    call.update(args)
+    with pytest.raises(ConfigError):
+        encode_ram_run(**call)  # type: ignore[arg-type]
+
+
+def _ram_wire(offsets: tuple[int, ...], normal: int, page_size: int = 4096) -> bytes:
+    return RamPacket(flags=0, pages_alloc=128, normal_pages=normal,
+                     next_packet_size=normal * page_size, packet_num=1,
+                     zero_pages=len(offsets) - normal, ramblock="pc.ram",
+                     offsets=offsets).encode(128)
+
+
+@pytest.mark.parametrize(("offsets", "normal", "run"), [
+    ((0, 4096, 8192), 3, True),
+    ((0, 4096, 8192, 40960, 4096 * 100), 3, True),   # zero pages after a run
+    ((0, 8192, 4096), 3, False),
+    ((8192, 4096, 0), 3, False),
+    ((0, 4096, 4096), 3, False),
+    ((0, 4096, 12288), 3, False),
+    ((40960,), 1, True),
+    ((4096, 8192), 0, False),                        # only zero pages
+])
+def test_decode_recognises_runs(offsets: tuple[int, ...], normal: int, run: bool) -> None:
+    packet = RamPacket.decode(_ram_wire(offsets, normal), page_count=128, page_size=4096)
+    assert packet.offsets == offsets and packet.normal_run is run
+
+
+@pytest.mark.parametrize(("offsets", "match"), [
+    ((4096, 8192, 1 << 30), "offset\\[2\\] .* beyond"),         # a run's last page outside
+    ((1 << 30, 4096 + (1 << 30)), "offset\\[0\\] .* beyond"),
+    ((0, 4096, 8192 + 1), "offset\\[2\\] .* not aligned"),
+    ((0, 4096, 8192, 100), "offset\\[3\\] .* not aligned"),     # a bad zero page after a run
+])
+def test_decode_checks_runs_and_the_rest(offsets: tuple[int, ...], match: str) -> None:
+    wire = _ram_wire(offsets, 3 if len(offsets) > 2 else 2)
+    with pytest.raises(RemoteProtocolError, match=match):
+        RamPacket.decode(wire, page_count=128, page_size=4096,
+                         block_size=lambda name: 1 << 30)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(0, 64), min_size=1, max_size=128), st.integers(0, 1 << 30))
+def test_normal_run_means_consecutive(pages: list[int], base: int) -> None:
+    offsets = tuple((base + p) * 4096 for p in pages)
+    packet = RamPacket.decode(_ram_wire(offsets, len(offsets)), page_count=128, page_size=4096)
+    consecutive = all(b - a == 4096 for a, b in zip(offsets, offsets[1:], strict=False))
+    assert packet.normal_run is consecutive
 
 
 # --------------------------------------------------------------------------------------

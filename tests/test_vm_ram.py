@@ -44,7 +44,7 @@ def ram(text: str = "1M", role: str = "source", backend: BackendConfig = ANONYMO
 def drain_round(guest: GuestRam, max_pages: int = 128) -> list[tuple[str, list[int]]]:
     batches = []
     while (batch := guest.next_dirty_batch(max_pages)) is not None:
-        batches.append((batch[0].name, batch[1]))
+        batches.append((batch[0].name, list(batch[1])))
     return batches
 
 
@@ -303,6 +303,24 @@ def test_tracking_requires_start():
         guest.next_dirty_batch(0)
 
 
+def test_consecutive_batch_is_a_range_others_a_list():
+    # a batch of consecutive pages is a range, which the sender takes as one span
+    guest = ram("1M", prepare=False)
+    guest.start_migration()
+    block = guest.blocks[MAIN_BLOCK]
+    assert guest.next_dirty_batch(100) == (block, range(100))
+    assert guest.next_dirty_batch(200) == (block, range(100, 256))
+    guest.sync_dirty_log()
+    guest.begin_round()
+    for index in (3, 4, 9):
+        guest.mark_dirty(block, index)
+    guest.sync_dirty_log()
+    guest.begin_round()
+    batch = guest.next_dirty_batch()
+    assert batch == (block, [3, 4, 9]) and type(batch[1]) is list
+    assert guest.dirty_pages() == 0
+
+
 def test_first_round_sends_everything_in_batches():
     guest = ram("1M,block=vga.vram:40K,block=rom:4K", prepare=False)
     guest.start_migration()
@@ -353,7 +371,7 @@ def test_pages_dirtied_mid_round():
     block = guest.blocks[MAIN_BLOCK]
     guest.start_migration()
     first = guest.next_dirty_batch()
-    assert first is not None and first[1] == list(range(128))
+    assert first is not None and list(first[1]) == list(range(128))
     guest.mark_dirty(block, 5)    # behind the cursor: next round
     guest.mark_dirty(block, 200)  # ahead, already dirty
     assert guest.sync_dirty_log() == 2
@@ -636,6 +654,24 @@ async def test_receive_targets_one_view_per_run():
     assert block.page(3)[0] == 2  # its neighbour in the run is untouched
     assert guest.received_pages() == len(offsets) + 2
     guest.close()
+
+
+def test_receive_targets_and_written_for_a_known_run():
+    # a decoded packet's normal_run: the ends stand for the run, with the same checks
+    guest = ram("64K", role="destination")
+    block = guest.blocks[MAIN_BLOCK]
+    run = [3 * PS, 4 * PS, 5 * PS]
+    (view,) = guest.receive_targets(block, run, run=True)
+    assert view.nbytes == 3 * PS and guest.received_pages() == 3
+    view[:] = b"\x07" * view.nbytes
+    assert block.page(4)[0] == 7 and is_zero_page(block.page(6))
+    before = guest.generation()
+    guest.written(block, run, run=True)
+    assert guest._chunk_gen[0] > before
+    with pytest.raises(DeviceError):
+        guest.receive_targets(block, [15 * PS, 16 * PS], run=True)  # runs past the end
+    with pytest.raises(DeviceError):
+        guest.receive_targets(block, [PS + 1, 2 * PS + 1], run=True)
 
 
 def test_receive_targets_other_block_and_empty():

@@ -816,11 +816,15 @@ class GuestRam:
         for c in range(first + start // DIGEST_CHUNK, first + (stop - 1) // DIGEST_CHUNK + 1):
             chunk_gen[c] = gen
 
-    def written(self, block: RamBlock, offsets: Sequence[int]) -> None:
+    def written(self, block: RamBlock, offsets: Sequence[int], run: bool = False) -> None:
         """Pages at ``offsets`` were received in place (after :meth:`receive_targets`):
-        their chunks get a generation newer than any hash begun meanwhile."""
+        their chunks get a generation newer than any hash begun meanwhile.  ``run``:
+        the offsets are consecutive, so the first and last bound them."""
         if offsets:
-            self._touch(block, min(offsets), max(offsets) + self.page_size)
+            if run:
+                self._touch(block, offsets[0], offsets[-1] + self.page_size)
+            else:
+                self._touch(block, min(offsets), max(offsets) + self.page_size)
 
     def start_migration(self) -> None:
         """Start dirty tracking: every page dirty (the first round), live log empty.
@@ -872,13 +876,15 @@ class GuestRam:
         self._cursor = 0
         self._cursor_block = 0
 
-    def next_dirty_batch(self, max_pages: int = 128) -> tuple[RamBlock, list[int]] | None:
+    def next_dirty_batch(self, max_pages: int = 128) -> tuple[RamBlock, Sequence[int]] | None:
         """The next up to ``max_pages`` dirty pages of *one* block, from the cursor.
 
         Page indexes are in increasing order; their migration-bitmap bytes are
-        cleared (the pages now count as sent).  Returns None once the cursor is
-        past the last block: the round is over (QEMU then flushes and syncs).
-        Cost is O(runs of dirty pages): runs are found with ``bytearray.find``.
+        cleared (the pages now count as sent).  A batch of consecutive pages (the
+        first round's, a sequential writer's) is a ``range``, so the sender can
+        take it as one span.  Returns None once the cursor is past the last
+        block: the round is over (QEMU then flushes and syncs).  Cost is O(runs
+        of dirty pages): runs are found with ``bytearray.find``.
         """
         if max_pages < 1:
             raise ConfigError(f"next_dirty_batch: max_pages must be at least 1, got {max_pages}")
@@ -902,14 +908,20 @@ class GuestRam:
                 if stop < 0:
                     stop = limit
                 bitmap[pos:stop] = zeros[: stop - pos]
-                pages.extend(range(pos - base, stop - base))
+                span = range(pos - base, stop - base)
                 room -= stop - pos
                 self._cursor = stop
                 if room == 0 or stop >= end:
-                    break
-                pos = bitmap.find(1, stop, end)
+                    pos = -1
+                else:
+                    pos = bitmap.find(1, stop, end)
+                    if pos < 0:
+                        self._cursor = end
+                if pos < 0 and not pages:  # the batch is one run
+                    self._dirty_count -= len(span)
+                    return block, span
+                pages.extend(span)
                 if pos < 0:
-                    self._cursor = end
                     break
             self._dirty_count -= len(pages)
             return block, pages
@@ -982,9 +994,12 @@ class GuestRam:
             view[start:stop] = data[i * ps : j * ps]
         self._mark_runs(block, runs)
 
-    def receive_targets(self, block: RamBlock, offsets: Sequence[int]) -> list[memoryview]:
+    def receive_targets(self, block: RamBlock, offsets: Sequence[int],
+                        run: bool = False) -> list[memoryview]:
         """Where the pages at ``offsets`` go, as views of guest memory (one per run of
         consecutive pages), for a receiver that fills them straight from its socket.
+        ``run``: the caller knows the offsets are consecutive (a decoded packet's
+        ``normal_run``), so only the ends are looked at.
 
         The pages are marked received first, so even if the receive is cut short they
         count as possibly holding data (a later zero page for them is then written).
@@ -992,7 +1007,10 @@ class GuestRam:
         same page concurrently, which the multifd sync barrier guarantees.
         """
         self._own(block)
-        runs = page_runs(offsets, self.page_size)
+        if run and offsets:
+            runs = [(0, len(offsets), offsets[0], offsets[-1] + self.page_size)]
+        else:
+            runs = page_runs(offsets, self.page_size)
         self._check_runs(block, offsets, runs)
         view = block.view
         self._mark_runs(block, runs)

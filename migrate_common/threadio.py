@@ -13,24 +13,69 @@ stall timeout is the socket's ``SO_SNDTIMEO``.  :meth:`Stopper.stop` shuts the s
 down, which ends a blocked call at once without closing a descriptor under it.
 TLS sockets stay non-blocking and poll the socket and the stopper's pipe.
 
-Nothing here touches the event loop: the callers (``migrate_src.channels``,
-``migrate_dst.channels``) hand results back with ``loop.call_soon_threadsafe``.
+Apart from :class:`LoopWaker`, nothing here touches the event loop: the callers
+(``migrate_src.channels``, ``migrate_dst.channels``) hand results back through it or
+with ``loop.call_soon_threadsafe``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import select
 import socket
 import ssl
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 from migrate_common.net import Buffer, drop_sent, stall_error
 from protocol.errors import ChannelError
 
-__all__ = ["Stopper", "Stopped", "hand_to_thread", "send_all", "recv_into", "size_buffers"]
+__all__ = ["Stopper", "Stopped", "LoopWaker", "hand_to_thread", "send_all", "recv_into",
+           "size_buffers"]
+
+
+class LoopWaker:
+    """Runs ``callback`` on the event loop when a channel thread calls :meth:`wake`.
+
+    uvloop's ``call_soon_threadsafe`` makes its wake-up system call holding the GIL,
+    so the loop thread it wakes at once blocks on the GIL, and the two threads trade
+    it back and forth; an eventfd written with ``os.eventfd_write`` releases the GIL
+    for the call.  Wakes before the callback ran are merged into one.  Must be
+    created and closed on the loop's thread; :meth:`wake` after :meth:`close` does
+    nothing (the descriptor is never written once closed, so never reused by mistake).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._callback = callback
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._closed = False
+        loop.add_reader(self._fd, self._on_readable)
+
+    def wake(self) -> None:
+        """From any thread: run the callback on the loop soon."""
+        with self._lock:
+            if not self._closed:
+                os.eventfd_write(self._fd, 1)
+
+    def _on_readable(self) -> None:
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:  # another read took it
+            return
+        self._callback()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
 
 
 class Stopped(Exception):

@@ -26,7 +26,14 @@ from typing import Any
 from migrate_common.funnel import Funnel
 from migrate_common.log import TRACE
 from migrate_common.net import Buffer, recv_into, sendmsg_all
-from migrate_common.threadio import Stopped, Stopper, hand_to_thread, send_all, size_buffers
+from migrate_common.threadio import (
+    LoopWaker,
+    Stopped,
+    Stopper,
+    hand_to_thread,
+    send_all,
+    size_buffers,
+)
 from protocol.control import (
     ControlDecoder,
     ControlMessage,
@@ -280,12 +287,13 @@ class _SendChannel:
 class MultifdSender:
     """N multifd channels shared by RAM and device-state packets.
 
-    Every channel has a thread that builds and sends its jobs in order, with the
-    socket non-blocking and polled (see :mod:`migrate_common.threadio`).  The event
-    loop only picks channels and counts: ``_slots`` counts free queue places over all
-    channels, and a finished job gives its place back through
-    ``call_soon_threadsafe``.  A channel task per channel waits for its thread's
-    failure, so errors reach the migration's funnel like any task's.
+    Every channel has a thread that builds and sends its jobs in order (a blocking
+    socket; TLS ones are polled, see :mod:`migrate_common.threadio`).  The event loop
+    only picks channels and counts: ``_slots`` counts free queue places over all
+    channels, and finished jobs give their places back through a
+    :class:`~migrate_common.threadio.LoopWaker` (one wake-up for every job finished
+    meanwhile).  A channel task per channel waits for its thread's failure, so
+    errors reach the migration's funnel like any task's.
     """
 
     def __init__(self, socks: list[socket.socket], vm_uuid: bytes, funnel: Funnel,
@@ -311,6 +319,7 @@ class MultifdSender:
         self._done: collections.deque[tuple[_SendChannel, Job, int, float, bool]] = \
             collections.deque()
         self._wake_pending = False
+        self._waker = LoopWaker(self._loop, self._collect)
         self.page_count = ram_page_count(page_size)
         self._packet_nums = itertools.count()
         self.ram_normal_pages = 0
@@ -428,7 +437,7 @@ class MultifdSender:
                 if not self._wake_pending:
                     # one wake-up of the loop for every job finished meanwhile
                     self._wake_pending = True
-                    self._loop.call_soon_threadsafe(self._collect)
+                    self._waker.wake()
         except Stopped:
             return
         except BaseException as exc:  # handed to the funnel through the channel task
@@ -473,6 +482,7 @@ class MultifdSender:
                 chan.sock.close()
             except OSError:
                 pass
+        self._waker.close()
 
 
 def _set_result(fut: asyncio.Future[BaseException], exc: BaseException) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from migrate_common.threadio import (
+    LoopWaker,
     LOOPBACK_BUDGET,
     LOOPBACK_MIN,
     Stopped,
@@ -380,3 +381,33 @@ def test_size_buffers_leaves_autotuning_alone(setting: int, channels: int) -> No
     finally:
         a.close()
         b.close()
+
+
+async def test_loop_waker_runs_the_callback_on_the_loop() -> None:
+    import asyncio
+    loop = asyncio.get_running_loop()
+    calls: list[int] = []
+    ran = asyncio.Event()
+
+    def callback() -> None:
+        calls.append(threading.get_ident())
+        ran.set()
+    waker = LoopWaker(loop, callback)
+    threads = [threading.Thread(target=waker.wake) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    await asyncio.wait_for(ran.wait(), 5)
+    await asyncio.sleep(0.05)
+    # on the loop's thread, and the wakes made before it ran are merged
+    assert calls and set(calls) == {threading.get_ident()} and len(calls) <= 8
+    ran.clear()
+    waker.wake()
+    await asyncio.wait_for(ran.wait(), 5)
+    waker.close()
+    waker.close()
+    waker.wake()  # after close: nothing written, nothing run
+    count = len(calls)
+    await asyncio.sleep(0.05)
+    assert len(calls) == count

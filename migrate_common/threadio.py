@@ -22,19 +22,21 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import os
 import select
 import socket
 import ssl
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 
 from migrate_common.net import Buffer, drop_sent, stall_error
 from protocol.errors import ChannelError
 
-__all__ = ["Stopper", "Stopped", "LoopWaker", "hand_to_thread", "send_all", "recv_into",
-           "size_buffers"]
+__all__ = ["Stopper", "Stopped", "LoopWaker", "ThreadSignal", "hand_to_thread", "send_all",
+           "recv_into", "size_buffers"]
 
 
 class LoopWaker:
@@ -76,6 +78,39 @@ class LoopWaker:
             self._closed = True
             self._loop.remove_reader(self._fd)
             os.close(self._fd)
+
+
+class ThreadSignal:
+    """Wakes a thread waiting in :meth:`wait` when another calls :meth:`set`; sets
+    made before the wait are kept (merged into one), so a waiter that checks its
+    condition first, then waits, never misses one — and may wake for an old one.
+
+    A ``threading.Condition`` wakes its waiter by releasing a lock, a system call
+    made holding the GIL, which the woken thread then waits for at once; an eventfd
+    is written and waited on with the GIL released.  The descriptor is closed when
+    the signal is garbage (never under a thread still using it).
+    """
+
+    def __init__(self) -> None:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._fd = fd
+        weakref.finalize(self, os.close, fd)
+
+    def set(self) -> None:
+        os.eventfd_write(self._fd, 1)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until set (True) or ``timeout`` seconds passed (False)."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        ms = -1 if timeout is None else max(0, math.ceil(timeout * 1000))
+        if not poller.poll(ms):
+            return False
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:  # taken by another waiter
+            pass
+        return True
 
 
 class Stopped(Exception):

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from migrate_common.threadio import ThreadSignal
 from protocol.errors import LimitExceededError, SequenceError
 
 __all__ = ["Reassembly", "QueuedBuffer", "Target"]
@@ -81,7 +82,8 @@ class Reassembly:
         self.capacity = capacity
         self._target = target
         self._lock = threading.Lock()
-        self._arrived = threading.Condition(self._lock)
+        # the load thread's wake-up: a Condition's notify would wake it holding the GIL
+        self._arrived = ThreadSignal()
         self._placeable = threading.Condition(self._lock)
         #: seconds a claim waits for its place before taking a buffer instead
         self.place_wait = PLACE_WAIT
@@ -224,8 +226,9 @@ class Reassembly:
             self.packets += 1
             self.high_water_bytes = max(self.high_water_bytes, self.queued_bytes)
             self.high_water_count = max(self.high_water_count, len(self._slots))
-            if idx == self.next_idx:
-                self._arrived.notify()
+            wake = idx == self.next_idx
+        if wake:
+            self._arrived.set()
 
     # -- load thread ---------------------------------------------------------------------
     def start(self, base: int) -> None:
@@ -234,13 +237,13 @@ class Reassembly:
         with self._lock:
             self._base = base
             self._placeable.notify_all()
-            self._arrived.notify_all()
+        self._arrived.set()
 
     def get(self) -> QueuedBuffer | None:
         """The buffer with the next idx, waiting until it arrives and :meth:`start` was
         called; None once closed."""
-        with self._arrived:
-            while True:
+        while True:
+            with self._lock:
                 if self._closed:
                     return None
                 if self._base is not None:
@@ -248,7 +251,7 @@ class Reassembly:
                     if buf is not None:
                         self.next_idx += 1
                         return buf
-                self._arrived.wait()
+            self._arrived.wait()
 
     def done_with(self, buf: QueuedBuffer) -> None:
         """``buf`` is loaded into the device: unqueue it and recycle its buffer."""
@@ -262,22 +265,21 @@ class Reassembly:
     def pause(self, seconds: float) -> bool:
         """Sleep like a slow device, waking early when closed; False once closed."""
         deadline = time.monotonic() + seconds
-        with self._arrived:
-            # arrivals notify this condition too: sleep on until the deadline
-            while not self._closed and (remaining := deadline - time.monotonic()) > 0:
-                self._arrived.wait(remaining)
-            return not self._closed
+        # arrivals wake this wait too: sleep on until the deadline
+        while not self._closed and (remaining := deadline - time.monotonic()) > 0:
+            self._arrived.wait(remaining)
+        return not self._closed
 
     def close(self) -> None:
         """Release every queued buffer and wake the load thread; later calls fail."""
-        with self._arrived:
+        with self._lock:
             self._closed = True
             slots = list(self._slots.values())
             self._slots.clear()
             self.queued_bytes = 0
             self._queued_charge = 0
-            self._arrived.notify_all()
             self._placeable.notify_all()
+        self._arrived.set()
         for buf in slots:
             buf.release()
 

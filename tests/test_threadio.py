@@ -15,6 +15,7 @@ import pytest
 
 from migrate_common.threadio import (
     LoopWaker,
+    ThreadSignal,
     LOOPBACK_BUDGET,
     LOOPBACK_MIN,
     Stopped,
@@ -411,3 +412,21 @@ async def test_loop_waker_runs_the_callback_on_the_loop() -> None:
     count = len(calls)
     await asyncio.sleep(0.05)
     assert len(calls) == count
+
+
+def test_thread_signal_wakes_a_waiting_thread_and_keeps_early_sets() -> None:
+    signal = ThreadSignal()
+    assert signal.wait(0.01) is False                # nothing set: times out
+    signal.set()
+    signal.set()
+    assert signal.wait(5) is True                    # set before the wait: kept, merged
+    assert signal.wait(0.01) is False
+    woke: list[float] = []
+    waiter = threading.Thread(target=lambda: woke.append(time.monotonic())
+                              if signal.wait(5) else None)
+    waiter.start()
+    time.sleep(0.05)
+    assert not woke                                  # blocked
+    signal.set()
+    waiter.join(5)
+    assert len(woke) == 1 and not waiter.is_alive()

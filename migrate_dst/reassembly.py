@@ -73,6 +73,17 @@ def _charge(is_config: bool, size: int) -> int:
     return 0 if is_config else max(size, MIN_CHARGE)
 
 
+_local = threading.local()
+
+
+def _thread_signal() -> ThreadSignal:
+    """This thread's signal for waiting on a place (one eventfd per receive thread)."""
+    signal: ThreadSignal | None = getattr(_local, "signal", None)
+    if signal is None:
+        signal = _local.signal = ThreadSignal()
+    return signal
+
+
 class Reassembly:
     def __init__(self, device_id: str, *, max_count: int | None, max_bytes: int | None,
                  capacity: int, target: Target | None = None) -> None:
@@ -84,7 +95,10 @@ class Reassembly:
         self._lock = threading.Lock()
         # the load thread's wake-up: a Condition's notify would wake it holding the GIL
         self._arrived = ThreadSignal()
-        self._placeable = threading.Condition(self._lock)
+        # claims waiting for their place (idx → the waiting thread's signal), and the
+        # signals to set once the lock is released
+        self._place_waiters: dict[int, ThreadSignal] = {}
+        self._wakes: list[ThreadSignal] = []
         #: seconds a claim waits for its place before taking a buffer instead
         self.place_wait = PLACE_WAIT
         self.next_idx = 0
@@ -118,7 +132,9 @@ class Reassembly:
               ) -> memoryview | None:
         """A packet's header arrived: check it, note its size, and return where in the
         device its ``size`` bytes should go, or None to receive them into a buffer."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             self._check_closed()
             self._claim(idx, is_config, size)
             if not place or is_config or self._target is None:
@@ -138,12 +154,42 @@ class Reassembly:
                     self.unplaced_packets += 1
                     self._gave_up = (self._placed_idx, self._base is None)
                     return None
-                self._placeable.wait(remaining)
+                signal = _thread_signal()
+                self._place_waiters[idx] = signal
+                wakes, self._wakes = self._wakes, []
+                lock.release()
+                try:
+                    for other in wakes:
+                        other.set()
+                    signal.wait(remaining)
+                finally:
+                    lock.acquire()
+                    self._place_waiters.pop(idx, None)
                 self._check_closed()
             target = self._target(self._base + offset, size)
             if target is not None:
                 self._given.add(idx)
             return target
+        finally:
+            self._release_and_wake()
+
+    def _release_and_wake(self) -> None:
+        """Release the lock, then wake the claims it made placeable (a thread woken
+        while the lock is held would only wait for the lock, and a lock's release
+        wakes its waiter holding the GIL)."""
+        wakes, self._wakes = self._wakes, []
+        self._lock.release()
+        for signal in wakes:
+            signal.set()
+
+    def _wake_claims(self, every: bool = False) -> None:
+        """(Lock held.)  Note the waiting claims whose place is now known (``every``:
+        all of them, as at SWITCHOVER_START or when closed), to be woken once the
+        lock is released."""
+        waiters = self._place_waiters
+        if waiters:
+            ready = [i for i in waiters if every or i < self._placed_idx]
+            self._wakes.extend(waiters.pop(i) for i in ready)
 
     def _claim(self, idx: int, is_config: bool, size: int) -> None:
         dev = self.device_id
@@ -180,14 +226,15 @@ class Reassembly:
                 claimed[self._placed_idx] = self._placed_end
                 self._placed_end += sizes.pop(self._placed_idx)
                 self._placed_idx += 1
-            self._placeable.notify_all()
+            self._wake_claims()
 
     def put(self, idx: int, is_config: bool, size: int, data: memoryview | None,
             release: Callable[[], None] = _nothing) -> None:
         """A packet's data arrived: in ``data``, or (None) where :meth:`claim` said.
         Raises a RemoteProtocolError subclass when it breaks a rule."""
         dev = self.device_id
-        with self._lock:
+        self._lock.acquire()
+        try:
             self._check_closed()
             if idx not in self._claimed:
                 self._claim(idx, is_config, size)
@@ -227,6 +274,8 @@ class Reassembly:
             self.high_water_bytes = max(self.high_water_bytes, self.queued_bytes)
             self.high_water_count = max(self.high_water_count, len(self._slots))
             wake = idx == self.next_idx
+        finally:
+            self._release_and_wake()
         if wake:
             self._arrived.set()
 
@@ -234,9 +283,12 @@ class Reassembly:
     def start(self, base: int) -> None:
         """SWITCHOVER_START: the device's image is complete up to ``base``; from now on
         packets are placed after it."""
-        with self._lock:
+        self._lock.acquire()
+        try:
             self._base = base
-            self._placeable.notify_all()
+            self._wake_claims(every=True)
+        finally:
+            self._release_and_wake()
         self._arrived.set()
 
     def get(self) -> QueuedBuffer | None:
@@ -272,13 +324,16 @@ class Reassembly:
 
     def close(self) -> None:
         """Release every queued buffer and wake the load thread; later calls fail."""
-        with self._lock:
+        self._lock.acquire()
+        try:
             self._closed = True
             slots = list(self._slots.values())
             self._slots.clear()
             self.queued_bytes = 0
             self._queued_charge = 0
-            self._placeable.notify_all()
+            self._wake_claims(every=True)
+        finally:
+            self._release_and_wake()
         self._arrived.set()
         for buf in slots:
             buf.release()

@@ -303,6 +303,21 @@ def test_tracking_requires_start():
         guest.next_dirty_batch(0)
 
 
+def test_live_dirty_pages_counts_distinct_pages_until_the_sync():
+    guest = ram("1M,block=rom:8K", prepare=False)
+    guest.start_migration()
+    block, rom = guest.blocks[MAIN_BLOCK], guest.blocks["rom"]
+    for index in (3, 3, 4, 200):
+        guest.mark_dirty(block, index)
+    guest.mark_dirty(rom, 1)
+    assert guest.live_dirty_pages() == 4
+    assert guest.sync_dirty_log() == 4 and guest.live_dirty_pages() == 0
+    guest.mark_dirty(block, 3)
+    assert guest.live_dirty_pages() == 1
+    guest.stop_dirty_tracking()
+    assert guest.live_dirty_pages() == 0
+
+
 def test_consecutive_batch_is_a_range_others_a_list():
     # a batch of consecutive pages is a range, which the sender takes as one span
     guest = ram("1M", prepare=False)

@@ -621,6 +621,7 @@ class GuestRam:
         self._ones_view = memoryview(b"\x01" * self.npages_total)
         # dirty tracking (None = not tracking)
         self._live: bytearray | None = None
+        self._live_count = 0
         self._spare: bytearray | None = None
         self._bitmap: bytearray | None = None
         self._dirty_count = 0
@@ -801,7 +802,10 @@ class GuestRam:
             )
         live = self._live
         if live is not None:
-            live[block.base_page + index] = 1
+            page = block.base_page + index
+            if not live[page]:
+                live[page] = 1
+                self._live_count += 1
         self._chunk_gen[self._chunk_first[block.name]
                         + index * self.page_size // DIGEST_CHUNK] = next(self._generations)
 
@@ -836,6 +840,7 @@ class GuestRam:
         self._bitmap = bytearray(b"\x01") * n
         self._dirty_count = n
         self._live = bytearray(n)
+        self._live_count = 0
         self._spare = bytearray(n)
         self.dirty_sync_count = 0
         self.begin_round()
@@ -861,6 +866,7 @@ class GuestRam:
         assert live is not None and spare is not None
         # Swap first, so a mark landing during the merge goes into the next log.
         self._live, self._spare = spare, live
+        self._live_count = 0
         live_bits = int.from_bytes(live, "little")
         logged = live_bits.bit_count()
         if logged:
@@ -932,9 +938,10 @@ class GuestRam:
         return self._dirty_count if self._bitmap is not None else 0
 
     def live_dirty_pages(self) -> int:
-        """Pages in the live log (dirtied since the last sync); 0 when not tracking."""
-        live = self._live
-        return 0 if live is None else int.from_bytes(live, "little").bit_count()
+        """Pages in the live log (dirtied since the last sync); 0 when not tracking.
+        Counted by :meth:`mark_dirty` (popcounting the log cost ~0.15 ms per GiB on
+        every ``query-migrate``); exact while marks come from one thread at a time."""
+        return self._live_count if self._live is not None else 0
 
     def stop_dirty_tracking(self) -> None:
         """Stop tracking and free the bitmaps; :meth:`mark_dirty` becomes a no-op."""

@@ -10,6 +10,7 @@ multifd packet), receiving into preallocated buffers, and reports GB/s for:
                 ``sendmsg`` / ``recv_into`` (both release the GIL during the copy).
 
 Run:  python bench/datapath.py --streams 1 2 4 8 --size 2G
+      python bench/datapath.py --modes threads --spread 2G --streams 1 4   # distinct memory
 """
 
 from __future__ import annotations
@@ -36,9 +37,17 @@ def _shares(total: int, streams: int, packet: int) -> list[int]:
 
 
 # -- blocking, one thread per stream -----------------------------------------------------
-def _send_blocking(sock: socket.socket, packets: int, payload: memoryview) -> None:
+def _send_blocking(sock: socket.socket, packets: int, payload: memoryview,
+                   region: memoryview | None = None, start: int = 0) -> None:
     hdr = HEADER.pack(0x11223344, 1, 0x40)
+    size = len(payload)
+    pos = start
     for _ in range(packets):
+        if region is not None:  # --spread: every packet from the next place
+            if pos + size > len(region):
+                pos = 0
+            payload = region[pos:pos + size]
+            pos += size
         views = [memoryview(hdr), payload]
         while views:
             sent = sock.sendmsg(views)
@@ -164,15 +173,24 @@ def _receiver(mode: str, port_q: mp.Queue, result_q: mp.Queue, streams: int,
 
 
 def _sender(mode: str, port: int, streams: int, size: int, packet: int) -> None:
+    payload = memoryview(bytearray(b"\x5a" * packet))
+    region: memoryview | None = None
+    if SPREAD_SIZE:  # before connecting: the receiver's clock starts at the accept
+        import mmap
+        buf = mmap.mmap(-1, SPREAD_SIZE)
+        region = memoryview(buf)
+        for pos in range(0, SPREAD_SIZE, packet):  # written, so every page is its own
+            region[pos:pos + packet] = payload[:min(packet, SPREAD_SIZE - pos)]
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
     for s in socks:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _size_buffers(s, socket.SO_SNDBUF)
-    payload = memoryview(bytearray(b"\x5a" * packet))
     shares = _shares(size, streams, packet)
     if mode == "threads":
-        threads = [threading.Thread(target=_send_blocking, args=(s, n, payload))
-                   for s, n in zip(socks, shares, strict=True)]
+        part = (SPREAD_SIZE // max(1, streams)) // packet * packet
+        threads = [threading.Thread(target=_send_blocking,
+                                    args=(s, n, payload, region, i * part))
+                   for i, (s, n) in enumerate(zip(socks, shares, strict=True))]
         for t in threads:
             t.start()
         for t in threads:
@@ -210,8 +228,9 @@ def main() -> None:
     parser.add_argument("--bufsize", default="0",
                         help="SO_SNDBUF/SO_RCVBUF of every stream (0: kernel autotuning)")
     parser.add_argument("--spread", default="0",
-                        help="threads mode: receive into this much pre-faulted memory, each "
-                             "packet at the next place (like guest RAM), not into one buffer")
+                        help="threads mode: send from and receive into this much pre-faulted "
+                             "memory, each packet at the next place (like guest RAM or "
+                             "device state), not one buffer that stays in the caches")
     args = parser.parse_args()
     global BUFSIZE, SPREAD_SIZE
     BUFSIZE = parse_size(args.bufsize)

@@ -747,6 +747,8 @@ def encode_ram_run(*, page_count: int, page_size: int, packet_num: int, ramblock
         raise ConfigError(f"RAM run offset {first!r} is not a page-aligned uint64")
     if type(packet_num) is not int or not 0 <= packet_num <= _U64:
         raise ConfigError(f"RAM packet packet_num must be a uint64, got {packet_num!r}")
+    if not isinstance(ramblock, str):
+        raise ConfigError(f"RAM packet ramblock must be a str, got {type(ramblock).__name__}")
     name = _name_field(ramblock)
     if not name:
         raise ConfigError("RAM packet carries pages but names no ramblock")

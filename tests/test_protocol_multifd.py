@@ -619,6 +619,7 @@ def test_encode_ram_run_is_the_general_encoding(first: int, pages: int, page_siz
 @pytest.mark.parametrize("args", [
     {"pages": 0}, {"pages": 129}, {"first": 100}, {"first": -4096},
     {"first": (1 << 64) - 4096}, {"packet_num": -1}, {"ramblock": ""}, {"ramblock": "a\0b"},
+    {"ramblock": ["pc.ram"]},
     {"flags": int(PacketFlags.SYNC)}, {"flags": int(PacketFlags.ZLIB)}, {"page_size": 3000},
     {"page_count": 0},
 ])

@@ -304,6 +304,7 @@ class Launch:
     pacing_rate: int = 0                                   # bytes/s per TCP stream, 0 = none
     profile_dir: Path | None = None                        # py-spy raw profiles go here
     profile_name: str = "run"
+    profile_gil: bool = False        # sample only the thread holding the GIL (py-spy --gil)
 
 
 def _die_with_parent() -> None:
@@ -341,7 +342,7 @@ async def start_daemon(side: str, workdir: Path, args: list[str], launch: Launch
         launch.profile_dir.mkdir(parents=True, exist_ok=True)
         out = launch.profile_dir / f"{launch.profile_name}-{side}.txt"
         cmd = [spy, "record", "-o", str(out), "-f", "raw", "-r", "500", "--nonblocking",
-               "--", *cmd]
+               *(["--gil"] if launch.profile_gil else []), "--", *cmd]
         profiled = True
     cmd = [*(launch.src_prefix if side == "src" else launch.dst_prefix), *cmd]
     env = dict(os.environ)

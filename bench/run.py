@@ -75,6 +75,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="record py-spy raw profiles of both daemons (first repeat of every "
                         "point) into OUT/profiles/, with a summary; the numbers of a "
                         "profiled run are perturbed")
+    p.add_argument("--profile-gil", action="store_true",
+                   help="with --profile (implied): sample only the thread holding the GIL "
+                        "(py-spy --gil), which shows where Python threads wait on each "
+                        "other rather than where they run")
     p.add_argument("--idle-wait", type=float, default=None,
                    help="before each sample, wait up to this many seconds while other "
                         "migrate daemons, pytest or iperf3 run on the machine (default 120; "
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the baselines need iperf3: {harness.APT_IPERF}\n"
               "       (or run with --no-iperf)", file=sys.stderr)
         return 2
+    args.profile = args.profile or args.profile_gil
     if args.profile and harness._py_spy() is None:
         print(f"error: --profile needs py-spy: {sys.executable} -m {REQS}", file=sys.stderr)
         return 2
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                   for x in args.qemu_channels.split(",") if x.strip()])
         ctx = scenarios.Context(
             sizes=sizes, repeat=repeat, channels=channels, iperf=not args.no_iperf, out=out,
-            profile=args.profile,
+            profile=args.profile, profile_gil=args.profile_gil,
             idle_wait=args.idle_wait if args.idle_wait is not None else (0 if args.quick else 120),
             retries=args.retries if args.retries is not None else (0 if args.quick else 2),
             max_foreign_cpu=args.max_foreign_cpu,
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": [sys.executable, sys.argv[0], *argv],
         "options": {"quick": args.quick, "repeat": repeat, "channels": channels,
                     "iperf": not args.no_iperf, "profile": args.profile,
+                    "profile-gil": args.profile_gil,
                     "downtime-channels": args.downtime_channels, "dst-cap": ctx.dst_cap,
                     "link-bits": ctx.link_bits, "stream-bits": ctx.stream_bits,
                     "qemu-channels": [0, *channels] if qemu_channels is None

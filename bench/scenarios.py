@@ -98,6 +98,7 @@ class Context:
     iperf: bool
     out: Path
     profile: bool = False
+    profile_gil: bool = False               # py-spy --gil: only the thread holding the GIL
     idle_wait: float = 0.0
     retries: int = 0
     max_foreign_cpu: float = 0.25
@@ -115,6 +116,7 @@ class Context:
         if self.profile and rep == 0:
             launch.profile_dir = self.out / "profiles" / scenario
             launch.profile_name = key
+            launch.profile_gil = self.profile_gil
         return launch
 
 

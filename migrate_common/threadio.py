@@ -28,7 +28,6 @@ import select
 import socket
 import ssl
 import struct
-import threading
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -39,47 +38,6 @@ __all__ = ["Stopper", "Stopped", "LoopWaker", "ThreadSignal", "hand_to_thread", 
            "recv_into", "size_buffers"]
 
 
-class LoopWaker:
-    """Runs ``callback`` on the event loop when a channel thread calls :meth:`wake`.
-
-    uvloop's ``call_soon_threadsafe`` makes its wake-up system call holding the GIL,
-    so the loop thread it wakes at once blocks on the GIL, and the two threads trade
-    it back and forth; an eventfd written with ``os.eventfd_write`` releases the GIL
-    for the call.  Wakes before the callback ran are merged into one.  Must be
-    created and closed on the loop's thread; :meth:`wake` after :meth:`close` does
-    nothing (the descriptor is never written once closed, so never reused by mistake).
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._callback = callback
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._closed = False
-        loop.add_reader(self._fd, self._on_readable)
-
-    def wake(self) -> None:
-        """From any thread: run the callback on the loop soon."""
-        with self._lock:
-            if not self._closed:
-                os.eventfd_write(self._fd, 1)
-
-    def _on_readable(self) -> None:
-        try:
-            os.eventfd_read(self._fd)
-        except BlockingIOError:  # another read took it
-            return
-        self._callback()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._loop.remove_reader(self._fd)
-            os.close(self._fd)
-
-
 class ThreadSignal:
     """Wakes a thread waiting in :meth:`wait` when another calls :meth:`set`; sets
     made before the wait are kept (merged into one), so a waiter that checks its
@@ -88,7 +46,7 @@ class ThreadSignal:
     A ``threading.Condition`` wakes its waiter by releasing a lock, a system call
     made holding the GIL, which the woken thread then waits for at once; an eventfd
     is written and waited on with the GIL released.  The descriptor is closed when
-    the signal is garbage (never under a thread still using it).
+    the signal is garbage, so never under a thread still using it.
     """
 
     def __init__(self) -> None:
@@ -96,8 +54,19 @@ class ThreadSignal:
         self._fd = fd
         weakref.finalize(self, os.close, fd)
 
+    def fileno(self) -> int:
+        return self._fd
+
     def set(self) -> None:
         os.eventfd_write(self._fd, 1)
+
+    def clear(self) -> bool:
+        """Take the sets made so far (without waiting); whether there were any."""
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:
+            return False
+        return True
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until set (True) or ``timeout`` seconds passed (False)."""
@@ -106,11 +75,39 @@ class ThreadSignal:
         ms = -1 if timeout is None else max(0, math.ceil(timeout * 1000))
         if not poller.poll(ms):
             return False
-        try:
-            os.eventfd_read(self._fd)
-        except BlockingIOError:  # taken by another waiter
-            pass
+        self.clear()
         return True
+
+
+class LoopWaker:
+    """Runs ``callback`` on the event loop when a channel thread calls :meth:`wake`.
+
+    uvloop's ``call_soon_threadsafe`` makes its wake-up system call holding the GIL,
+    so the loop thread it wakes at once blocks on the GIL, and the two threads trade
+    it back and forth; a :class:`ThreadSignal` watched by the loop is set with the
+    GIL released.  Wakes before the callback ran are merged into one.  Must be created
+    and closed on the loop's thread; :meth:`wake` after :meth:`close` runs nothing.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._signal = ThreadSignal()
+        self._callback = callback
+        self._loop = loop
+        self._closed = False
+        loop.add_reader(self._signal.fileno(), self._on_readable)
+
+    def wake(self) -> None:
+        """From any thread: run the callback on the loop soon."""
+        self._signal.set()
+
+    def _on_readable(self) -> None:
+        if self._signal.clear():
+            self._callback()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._loop.remove_reader(self._signal.fileno())
 
 
 class Stopped(Exception):

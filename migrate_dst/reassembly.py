@@ -73,6 +73,22 @@ def _charge(is_config: bool, size: int) -> int:
     return 0 if is_config else max(size, MIN_CHARGE)
 
 
+class _Guard:
+    """``with reassembly._guard:`` holds its lock, and on the way out releases it
+    before waking the claims it made placeable (see ``Reassembly._release_and_wake``)."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: Reassembly) -> None:
+        self._owner = owner
+
+    def __enter__(self) -> None:
+        self._owner._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._owner._release_and_wake()
+
+
 _local = threading.local()
 
 
@@ -93,6 +109,7 @@ class Reassembly:
         self.capacity = capacity
         self._target = target
         self._lock = threading.Lock()
+        self._guard = _Guard(self)
         # the load thread's wake-up: a Condition's notify would wake it holding the GIL
         self._arrived = ThreadSignal()
         # claims waiting for their place (idx → the waiting thread's signal), and the
@@ -132,9 +149,7 @@ class Reassembly:
               ) -> memoryview | None:
         """A packet's header arrived: check it, note its size, and return where in the
         device its ``size`` bytes should go, or None to receive them into a buffer."""
-        lock = self._lock
-        lock.acquire()
-        try:
+        with self._guard:
             self._check_closed()
             self._claim(idx, is_config, size)
             if not place or is_config or self._target is None:
@@ -156,22 +171,17 @@ class Reassembly:
                     return None
                 signal = _thread_signal()
                 self._place_waiters[idx] = signal
-                wakes, self._wakes = self._wakes, []
-                lock.release()
+                self._release_and_wake()
                 try:
-                    for other in wakes:
-                        other.set()
                     signal.wait(remaining)
                 finally:
-                    lock.acquire()
+                    self._lock.acquire()
                     self._place_waiters.pop(idx, None)
                 self._check_closed()
             target = self._target(self._base + offset, size)
             if target is not None:
                 self._given.add(idx)
             return target
-        finally:
-            self._release_and_wake()
 
     def _release_and_wake(self) -> None:
         """Release the lock, then wake the claims it made placeable (a thread woken
@@ -233,8 +243,7 @@ class Reassembly:
         """A packet's data arrived: in ``data``, or (None) where :meth:`claim` said.
         Raises a RemoteProtocolError subclass when it breaks a rule."""
         dev = self.device_id
-        self._lock.acquire()
-        try:
+        with self._guard:
             self._check_closed()
             if idx not in self._claimed:
                 self._claim(idx, is_config, size)
@@ -274,8 +283,6 @@ class Reassembly:
             self.high_water_bytes = max(self.high_water_bytes, self.queued_bytes)
             self.high_water_count = max(self.high_water_count, len(self._slots))
             wake = idx == self.next_idx
-        finally:
-            self._release_and_wake()
         if wake:
             self._arrived.set()
 
@@ -283,12 +290,9 @@ class Reassembly:
     def start(self, base: int) -> None:
         """SWITCHOVER_START: the device's image is complete up to ``base``; from now on
         packets are placed after it."""
-        self._lock.acquire()
-        try:
+        with self._guard:
             self._base = base
             self._wake_claims(every=True)
-        finally:
-            self._release_and_wake()
         self._arrived.set()
 
     def get(self) -> QueuedBuffer | None:
@@ -324,16 +328,13 @@ class Reassembly:
 
     def close(self) -> None:
         """Release every queued buffer and wake the load thread; later calls fail."""
-        self._lock.acquire()
-        try:
+        with self._guard:
             self._closed = True
             slots = list(self._slots.values())
             self._slots.clear()
             self.queued_bytes = 0
             self._queued_charge = 0
             self._wake_claims(every=True)
-        finally:
-            self._release_and_wake()
         self._arrived.set()
         for buf in slots:
             buf.release()

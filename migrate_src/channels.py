@@ -49,7 +49,7 @@ from protocol.control import (
 from protocol.compression import PacketCompressor
 from protocol.errors import ChannelError, RemoteProtocolError, SequenceError
 from protocol.multifd import ChannelInit, RamPacket, encode_ram_run, ram_page_count
-from vm.ram import RamBlock, page_runs, split_zero_pages
+from vm.ram import RamBlock, page_runs, run_is_normal, split_zero_pages
 
 __all__ = ["MainChannel", "MultifdSender", "ChannelStats", "Job", "DeviceStateJob", "RamJob",
            "SyncJob", "JOB_PACKETS"]
@@ -193,13 +193,10 @@ class RamJob(Job):
         size = block.page_size
         view = block.view
         if type(pages) is range and pages.step == 1 and chan.compressor is None:
-            # the usual batch, consecutive pages: when no page starts with a zero
-            # word (one strided look) every page is normal, and the packet is built
-            # and sent as one span, without a Python int per page
+            # the usual batch, consecutive pages: when every page is normal, the
+            # packet is built and sent as one span, without a Python int per page
             first, n = pages.start, len(pages)
-            step = size // 8
-            if n and (not self.detect_zero
-                      or 0 not in block.words[first * step:(first + n) * step:step]):
+            if n and (not self.detect_zero or run_is_normal(block.words, first, n, size)):
                 start = first * size
                 parts.append(encode_ram_run(page_count=sender.page_count, page_size=size,
                                             packet_num=sender.next_packet_num(),

@@ -656,15 +656,10 @@ class RamPacket:
                               == first * k + c)
             # whole-array checks in C (page sizes are powers of two); the loop below
             # only names the first bad offset.  A run's middle lies between its ends.
-            rest = offsets[normal_pages:] if normal_run else offsets
-            if rest:
-                low, high = reduce(or_, rest), max(rest)
-            else:
-                low, high = 0, 0
-            if normal_run:
-                low |= offsets[0]
-                high = max(high, offsets[normal_pages - 1])
-            if low & (page_size - 1) or (used is not None and high > used - page_size):
+            checked = ((offsets[0], offsets[normal_pages - 1], *offsets[normal_pages:])
+                       if normal_run else offsets)
+            if (reduce(or_, checked) & (page_size - 1)
+                    or (used is not None and max(checked) > used - page_size)):
                 cls._reject_offsets(offsets, page_size, used, ramblock)
         return cls(
             flags=flags,

@@ -57,8 +57,8 @@ class VfioPacketFlags(IntFlag):
     CONFIG_STATE = 1  # this packet carries the device config and is the device's last
 
 
-_KNOWN_PACKET_FLAGS = int(VfioPacketFlags.CONFIG_STATE)
 _CONFIG_STATE = int(VfioPacketFlags.CONFIG_STATE)  # a plain int: no IntFlag per packet
+_KNOWN_PACKET_FLAGS = _CONFIG_STATE
 
 
 class VfioMigFlag(IntEnum):

@@ -123,6 +123,14 @@ def page_runs(offsets: Sequence[int], page_size: int) -> list[tuple[int, int, in
     return runs
 
 
+def run_is_normal(words: memoryview, first: int, n: int, page_size: int) -> bool:
+    """Whether none of the ``n`` pages from index ``first`` starts with a zero word
+    (``words``: the block cast to ``'Q'``), read through one strided view: then every
+    one of them is a normal page."""
+    step = page_size // 8
+    return 0 not in words[first * step:(first + n) * step:step]
+
+
 def split_zero_pages(view: memoryview, pages: Sequence[int], page_size: int,
                      words: memoryview) -> tuple[list[int], list[int]]:
     """Byte offsets of the normal and of the all-zero pages among page indices
@@ -138,9 +146,9 @@ def split_zero_pages(view: memoryview, pages: Sequence[int], page_size: int,
     n = len(pages)
     first = pages[0] if n else 0
     if n > 1 and pages[-1] - first == n - 1 and tuple(pages) == tuple(range(first, first + n)):
-        # a run (the usual case): the first word of every page in one strided view;
-        # when none is zero, every page is normal — no Python loop over the pages
-        if 0 not in words[first * step:(first + n) * step:step]:
+        # a run (the usual case): when no page starts with a zero word, every page
+        # is normal — no Python loop over the pages
+        if run_is_normal(words, first, n, page_size):
             return list(range(first * page_size, (first + n) * page_size, page_size)), zero
     for index in pages:
         w = index * step
@@ -1116,6 +1124,7 @@ class GuestRam:
         if self._state != "prepared":
             raise StateError(f"guest RAM is {self._state}, not prepared", state=self._state)
         chunks = self._chunks()
+
         def uncached(c: int) -> bytes:
             return _chunk_digest(chunks[c])
 
@@ -1177,8 +1186,6 @@ class GuestRam:
     async def digest_async(self, fresh: bool = False) -> str:
         """:meth:`digest` in a worker thread (~30 ms per GiB on one core)."""
         return await asyncio.to_thread(self.digest, fresh)
-
-
 
 
 class Prehasher:

@@ -42,10 +42,10 @@ KINDS = {
 }
 
 
-def perf_samples(data: Path) -> list[tuple[int, int, str, str]]:
-    """(pid, tid, comm, dso) of every sample."""
+def perf_samples(data: Path) -> list[tuple[int, int, str, str, str]]:
+    """(pid, tid, comm, dso, symbol) of every sample."""
     # (dso is only printed next to an address)
-    out = subprocess.run(["perf", "script", "-i", str(data), "-F", "comm,pid,tid,ip,dso"],
+    out = subprocess.run(["perf", "script", "-i", str(data), "-F", "comm,pid,tid,ip,sym,dso"],
                          capture_output=True, text=True, check=True).stdout
     samples = []
     for line in out.splitlines():
@@ -59,21 +59,30 @@ def perf_samples(data: Path) -> list[tuple[int, int, str, str]]:
         except ValueError:
             continue
         dso = parts[-1].strip("()") if len(parts) > 3 else "?"
-        samples.append((pid, tid, comm, os.path.basename(dso)))
+        symbol = " ".join(parts[3:-1]).split("+0x")[0] if len(parts) > 4 else "?"
+        samples.append((pid, tid, comm, os.path.basename(dso), symbol))
     return samples
 
 
-def summarise(samples: list[tuple[int, int, str, str]], freq: int,
-              names: dict[int, str]) -> dict[str, collections.Counter[str]]:
+_SHORT_DSO = {"[kernel.kallsyms]": "kernel", "libpython3.11.so.1.0": "python"}
+
+
+def summarise(samples: list[tuple[int, int, str, str, str]], freq: int,
+              names: dict[int, str], *,
+              by_symbol: bool = False) -> dict[str, collections.Counter[str]]:
+    """CPU seconds per daemon and shared object (or function, with ``by_symbol``)."""
     table: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    for pid, _tid, comm, dso in samples:
+    for pid, _tid, comm, dso, symbol in samples:
         who = names.get(pid, "idle" if comm == "swapper" else "other")
-        table[who][dso] += 1
+        if by_symbol:
+            table[who][f"{symbol}  ({_SHORT_DSO.get(dso, dso)})"] += 1
+        else:
+            table[who][dso] += 1
     return {who: collections.Counter({d: n / freq for d, n in c.items()})
             for who, c in table.items()}
 
 
-async def run(kind: str, channels: int, freq: int) -> None:
+async def run(kind: str, channels: int, freq: int, symbols: int = 0) -> None:
     devices, src_args, dst_args = KINDS[kind]
     workdir = Path(tempfile.mkdtemp(prefix="mfm-cpu-"))
     data = workdir / "perf.data"
@@ -99,7 +108,8 @@ async def run(kind: str, channels: int, freq: int) -> None:
               f"{m.get('downtime-ms')} ms, migrate() took {wall:.2f} s "
               f"(recording {wall + 0.5:.2f} s on {os.cpu_count()} CPUs), digests "
               f"{'match' if verified else 'DO NOT MATCH'}")
-        table = summarise(perf_samples(data), freq, names)
+        samples = perf_samples(data)
+        table = summarise(samples, freq, names)
         for who in ("source", "destination", "other", "idle"):
             row = table.get(who)
             if not row:
@@ -107,6 +117,13 @@ async def run(kind: str, channels: int, freq: int) -> None:
             total = sum(row.values())
             top = ", ".join(f"{dso} {sec:.2f}" for dso, sec in row.most_common(5))
             print(f"  {who:<12} {total:5.2f} CPU s: {top}")
+        if symbols:
+            by_symbol = summarise(samples, freq, names, by_symbol=True)
+            for who in ("source", "destination"):
+                row = by_symbol.get(who, collections.Counter())
+                print(f"  {who}: the {symbols} functions with most CPU s")
+                for symbol, sec in row.most_common(symbols):
+                    print(f"    {sec:5.3f}  {symbol}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -116,10 +133,13 @@ def main() -> None:
     ap.add_argument("kind", choices=sorted(KINDS))
     ap.add_argument("--channels", type=int, default=4, help="multifd channels (0: main only)")
     ap.add_argument("--freq", type=int, default=1999, help="samples per second per CPU")
+    ap.add_argument("--symbols", type=int, default=0, metavar="N",
+                    help="also list the N functions (kernel, interpreter, libraries) each "
+                         "daemon spent most CPU time in")
     args = ap.parse_args()
     if shutil.which("perf") is None:
         sys.exit("perf is not installed (Debian: apt-get install linux-perf)")
-    asyncio.run(run(args.kind, args.channels, args.freq))
+    asyncio.run(run(args.kind, args.channels, args.freq, args.symbols))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ from vm.ram import (
     GuestRam,
     MemoryConfig,
     block_file_name,
+    has_zero_word,
     is_zero_page,
     parse_memory_backend,
     parse_memory_option,
+    run_is_normal,
     split_zero_pages,
 )
 
@@ -605,6 +607,38 @@ def test_split_zero_pages_agrees_with_is_zero_page(case):
     assert normal == [i * PS for i in pages if not is_zero_page(view[i * PS : (i + 1) * PS])]
     assert zero == [i * PS for i in pages if is_zero_page(view[i * PS : (i + 1) * PS])]
     assert sorted(normal + zero) == sorted(i * PS for i in pages)
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (b"", False),
+    (bytes(8), True),
+    (bytes(7), False),                                  # no whole word
+    (b"\x01" + bytes(8) + b"\x01" * 7, False),          # zeros straddle words 0 and 1
+    (b"\x01" * 3 + bytes(10) + b"\x01" * 3, False),      # ten zeros, none word-aligned
+    (b"\x01" + bytes(15), True),                        # straddling run, then word 1
+    (b"\x01" * 8 + bytes(8), True),
+    (b"\x01" * 16 + bytes(7) + b"\x01", False),
+])
+def test_has_zero_word_golden(data, expected):
+    assert has_zero_word(data) is expected
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from([b"\x00", b"\x01"]), max_size=48).map(b"".join))
+def test_has_zero_word_agrees_with_a_word_scan(data):
+    words = [data[i:i + 8] for i in range(0, len(data) - 7, 8)]
+    assert has_zero_word(data) is (bytes(8) in words)
+
+
+@pytest.mark.parametrize("zero_at", [None, 0, 5, 127])
+def test_run_is_normal_looks_at_first_words(zero_at):
+    view, words = memory_with({i: (8, 1) for i in range(130)}, 130)  # words 0 all zero
+    mem = view.obj
+    for i in range(130):
+        if i != zero_at:
+            mem[i * PS] = 0x80  # first word non-zero
+    assert run_is_normal(words, 0, 128, PS) is (zero_at is None)
+    assert run_is_normal(words, 1, 127, PS) is (zero_at in (None, 0))
 
 
 def test_split_zero_pages_on_a_block():

@@ -125,10 +125,27 @@ def page_runs(offsets: Sequence[int], page_size: int) -> list[tuple[int, int, in
 
 def run_is_normal(words: memoryview, first: int, n: int, page_size: int) -> bool:
     """Whether none of the ``n`` pages from index ``first`` starts with a zero word
-    (``words``: the block cast to ``'Q'``), read through one strided view: then every
-    one of them is a normal page."""
+    (``words``: the block cast to ``'Q'``): then every one of them is a normal page.
+
+    The first words are gathered through one strided view and searched as bytes
+    (``0 in view`` would make a Python int of every word: twice as slow).
+    """
     step = page_size // 8
-    return 0 not in words[first * step:(first + n) * step:step]
+    return not has_zero_word(words[first * step:(first + n) * step:step].tobytes())
+
+
+_ZERO_WORD: Final = bytes(8)
+
+
+def has_zero_word(data: bytes) -> bool:
+    """Whether an aligned 8-byte word of ``data`` is zero (zero bytes straddling two
+    words do not count)."""
+    at = data.find(_ZERO_WORD)
+    while at >= 0:
+        if not at & 7:
+            return True
+        at = data.find(_ZERO_WORD, (at | 7) + 1)  # the next aligned word on
+    return False
 
 
 def split_zero_pages(view: memoryview, pages: Sequence[int], page_size: int,

@@ -14,7 +14,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,6 @@ class Context:
     stream_bits: int = 2_500_000_000
     qemu_channels: list[int] | None = None  # QEMU peer in ram-throughput (0 = main channel
                                             # only); None = main + channels
-    iperf_cache: dict[str, dict[int, list[dict[str, Any]]]] = field(default_factory=dict)
     log: Callable[[str], None] = print
 
     def launch(self, scenario: str, key: str, rep: int, **kw: Any) -> Launch:
@@ -168,13 +167,18 @@ def fail_reason(point: dict[str, Any]) -> str | None:
 # -- running points ----------------------------------------------------------------------
 
 Runner = Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]
+#: one iperf3 sample with this many streams
+Baseline = Callable[[int], Awaitable[dict[str, Any]]]
 
 
 async def run_points(ctx: Context, scenario: str, points: list[dict[str, Any]],
                      run: Runner, show: Callable[[dict[str, Any]], str],
-                     repeat: int | None = None) -> None:
+                     repeat: int | None = None, baseline: Baseline | None = None) -> None:
     """Every point ``repeat`` (default ``ctx.repeat``) times, round-robin so drift
-    spreads over all points."""
+    spreads over all points.  With a ``baseline``, every sample of a point that has
+    ``streams`` (and is not a peer's) is followed at once by an iperf3 sample with
+    as many streams, kept with it as ``sample["iperf3"]``: the machine's slow spells
+    last longer than a pair, so the pair's ratio is what the ratio targets use."""
     for p in points:
         p.setdefault("samples", [])
     for rep in range(repeat or ctx.repeat):
@@ -193,6 +197,8 @@ async def run_points(ctx: Context, scenario: str, points: list[dict[str, Any]],
             ctx.log(f"  [{scenario}] {p['key']:<24} #{rep + 1}: {show(sample)}  {ok}  "
                     f"({time.monotonic() - t0:.1f} s)"
                     + (f"  [machine busy: {len(busy)} other process(es)]" if busy else ""))
+            if baseline is not None and "streams" in p and "peer" not in p:
+                sample["iperf3"] = await baseline(p["streams"])
 
 
 async def _one_sample(ctx: Context, p: dict[str, Any], rep: int,
@@ -262,35 +268,35 @@ def _channel_points(ctx: Context) -> list[dict[str, Any]]:
 
 # -- iperf3 baselines --------------------------------------------------------------------
 
-async def iperf_baselines(ctx: Context, kind: str, streams: list[int],
-                          **kw: Any) -> dict[int, list[dict[str, Any]]]:
-    """iperf3 samples per stream count (measured once per run and kind)."""
-    cache = ctx.iperf_cache.setdefault(kind, {})
-    todo = sorted({n for n in streams if n not in cache})
-    if todo:
-        if not iperf_available():
-            raise SkipScenario(f"iperf3 is not installed: {APT_IPERF} (or --no-iperf)")
-        for rep in range(ctx.repeat):
-            for n in todo:
-                for attempt in range(1 + ctx.retries):
-                    busy = set(await wait_idle(ctx.idle_wait))
-                    busy0, ours0, t0 = *cpu_counters(), time.monotonic()
-                    r = iperf3(n, ctx.sizes.iperf_seconds, **kw)
-                    busy1, ours1 = cpu_counters()
-                    wall = max(time.monotonic() - t0, 1e-3)
-                    r["foreign-cpu"] = round(max(0.0, (busy1 - busy0) - (ours1 - ours0))
-                                             / wall, 3)
-                    if r["foreign-cpu"] > ctx.max_foreign_cpu:
-                        busy.add(f"other processes used {r['foreign-cpu']:.2f} CPUs")
-                    busy.update(foreign_processes())
-                    if busy:
-                        r["foreign-processes"] = sorted(busy)
-                    if not busy or attempt == ctx.retries:
-                        break
-                    ctx.log(f"  [iperf3 {kind}] -P {n}: discarded, other processes ran")
-                cache.setdefault(n, []).append(r)
-                ctx.log(f"  [iperf3 {kind}] -P {n} -l 1M #{rep + 1}: {r['Bps'] / 1e9:.2f} GB/s")
-    return {n: cache[n] for n in streams}
+def iperf_baseline(ctx: Context, kind: str, **kw: Any) -> Baseline | None:
+    """The ``baseline`` of :func:`run_points` (None with ``--no-iperf``): one iperf3
+    run with ``-l 1M`` and the given number of streams, ``kw`` passed to
+    :func:`~bench.harness.iperf3` (the shaped network's namespaces and pacing)."""
+    if not ctx.iperf:
+        return None
+    if not iperf_available():
+        raise SkipScenario(f"iperf3 is not installed: {APT_IPERF} (or --no-iperf)")
+
+    async def one(n: int) -> dict[str, Any]:
+        for attempt in range(1 + ctx.retries):
+            busy = set(await wait_idle(ctx.idle_wait))
+            busy0, ours0, t0 = *cpu_counters(), time.monotonic()
+            r = iperf3(n, ctx.sizes.iperf_seconds, **kw)
+            busy1, ours1 = cpu_counters()
+            wall = max(time.monotonic() - t0, 1e-3)
+            r["foreign-cpu"] = round(max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall, 3)
+            if r["foreign-cpu"] > ctx.max_foreign_cpu:
+                busy.add(f"other processes used {r['foreign-cpu']:.2f} CPUs")
+            busy.update(foreign_processes())
+            if busy:
+                r["foreign-processes"] = sorted(busy)
+            if not busy or attempt == ctx.retries:
+                break
+            ctx.log(f"  [iperf3 {kind}] -P {n}: discarded, other processes ran")
+        ctx.log(f"  [iperf3 {kind}] -P {n} -l 1M, right after: {r['Bps'] / 1e9:.2f} GB/s")
+        return r
+
+    return one
 
 
 def iperf_summary(samples: list[dict[str, Any]]) -> dict[str, float]:
@@ -312,35 +318,64 @@ async def device_throughput(ctx: Context) -> dict[str, Any]:
             return await migrate(src, dst, multifd=p["multifd"], channels=p["channels"],
                                  timeout=_timeout(total))
 
-    await run_points(ctx, "device-throughput", points, run, _show_device)
-    result = {"name": "device-throughput",
-              "title": f"Device-state throughput, VM stopped (4 devices, {human(total)})",
-              "config": {"devices": devices, "bytes": total, "max-bandwidth": 0},
-              "points": points, "measure-notes": []}
-    await _measure_iperf(ctx, result, "loopback")
-    return result
+    baseline = iperf_baseline(ctx, "loopback")
+    await run_points(ctx, "device-throughput", points, run, _show_device, baseline=baseline)
+    return {"name": "device-throughput",
+            "title": f"Device-state throughput, VM stopped (4 devices, {human(total)})",
+            "config": {"devices": devices, "bytes": total, "max-bandwidth": 0},
+            "points": points, "measure-notes": _iperf_notes(ctx)}
 
 
-async def _measure_iperf(ctx: Context, result: dict[str, Any], kind: str,
-                         **iperf_kw: Any) -> None:
+def _iperf_notes(ctx: Context) -> list[str]:
     if not ctx.iperf:
-        result["measure-notes"].append("iperf3 baseline not measured (--no-iperf)")
-        return
-    pts = result["points"] + result.get("qemu-points", [])
-    base = await iperf_baselines(ctx, kind, sorted({p["streams"] for p in pts}), **iperf_kw)
-    result["iperf3-samples"] = {str(k): v for k, v in base.items()}
+        return ["iperf3 baseline not measured (--no-iperf)"]
+    return ["ratio: the median over the samples of each sample's throughput divided by "
+            "that of the iperf3 run (-l 1M, as many streams) taken right after it; "
+            "iperf3 GB/s: the median of those runs"]
+
+
+def _pairs(point: dict[str, Any], metric: str) -> list[tuple[float, float]]:
+    """(our throughput, iperf3's) in bytes/s of every good sample with its iperf3 run;
+    pairs where either was disturbed by other processes are left out unless all were."""
+    pairs = [(s["metrics"][metric] * 1e9, s["iperf3"]["Bps"], bool(
+                 s.get("foreign-processes") or s["iperf3"].get("foreign-processes")))
+             for s in point["samples"]
+             if s.get("verified") and "iperf3" in s and s["metrics"].get(metric) is not None]
+    quiet = [(v, b) for v, b, busy in pairs if not busy]
+    return quiet or [(v, b) for v, b, _ in pairs]
+
+
+def _rep_pairs(p: dict[str, Any], q: dict[str, Any], metric: str
+               ) -> list[tuple[float, float]]:
+    """(p's, q's) ``metric`` of the repeats where both have a good sample (undisturbed
+    ones only, unless no pair is)."""
+    def by_rep(point: dict[str, Any]) -> dict[int, tuple[float, bool]]:
+        return {s["rep"]: (s["metrics"][metric], bool(s.get("foreign-processes")))
+                for s in point["samples"]
+                if s.get("verified") and "rep" in s and s.get("metrics", {}).get(metric)}
+    ours, theirs = by_rep(p), by_rep(q)
+    pairs = [(ours[r][0], theirs[r][0], ours[r][1] or theirs[r][1])
+             for r in sorted(ours.keys() & theirs.keys())]
+    quiet = [(a, b) for a, b, busy in pairs if not busy]
+    return quiet or [(a, b) for a, b, _ in pairs]
 
 
 def _eval_ratio(result: dict[str, Any], ratio: float, metric: str, what: str) -> None:
-    samples = result.get("iperf3-samples")
-    if not samples:
-        return
-    result["iperf3"] = {k: iperf_summary(v) for k, v in samples.items()}
+    samples = result.get("iperf3-samples")  # results.json from before the pairing
+    if samples:
+        result["iperf3"] = {k: iperf_summary(v) for k, v in samples.items()}
     for p in result["points"]:
-        b = result["iperf3"][str(p["streams"])]["median"] / 1e9
-        v = med(p, metric)
-        p["iperf3-GBps"] = b
-        p["ratio"] = None if v is None else v / b
+        pairs = _pairs(p, metric)
+        if pairs:
+            p["iperf3-GBps"] = statistics.median(b for _, b in pairs) / 1e9
+            p["ratio"] = statistics.median(v / b for v, b in pairs)
+        elif samples:
+            b = result["iperf3"][str(p["streams"])]["median"] / 1e9
+            v = med(p, metric)
+            p["iperf3-GBps"] = b
+            p["ratio"] = None if v is None else v / b
+        else:
+            continue
         if p["multifd"]:
             result["targets"].append(target(
                 f"{result['name']}-ratio",
@@ -381,8 +416,15 @@ async def ram_throughput(ctx: Context) -> dict[str, Any]:
             return await migrate(src, dst, multifd=p["multifd"], channels=p["channels"],
                                  timeout=_timeout(ram))
 
-    try:  # our points and QEMU's round-robin in the same repeats
-        await run_points(ctx, "ram-throughput", points + qemu_points, run, _show_ram)
+    # our points and QEMU's round-robin in the same repeats, QEMU's right after ours
+    # with as many channels (and that one's iperf3 run)
+    order = [x for p in points for x in
+             (p, *(q for q in qemu_points
+                   if (q["multifd"], q["channels"]) == (p["multifd"], p["channels"])))]
+    order += [q for q in qemu_points if q not in order]
+    try:
+        await run_points(ctx, "ram-throughput", order, run, _show_ram,
+                         baseline=iperf_baseline(ctx, "loopback"))
     finally:
         if image is not None:
             image.remove()
@@ -391,7 +433,9 @@ async def ram_throughput(ctx: Context) -> dict[str, Any]:
         "title": f"RAM throughput ({human(ram)} of random content, no devices, idle guest)",
         "config": {"src-args": src_args, "dst-args": dst_args, "max-bandwidth": 0,
                    "downtime-limit": 300},
-        "points": points, "qemu-points": qemu_points, "measure-notes": qemu_notes}
+        "points": points, "qemu-points": qemu_points,
+        "measure-notes": _iperf_notes(ctx) + qemu_notes,
+        "qemu-adjacent": True}  # (results.json from before it: ratio of the medians)
     if qemu_points:
         first: dict[str, Any] = next(
             (s for q in qemu_points for s in q["samples"] if s.get("argv")), {})
@@ -401,7 +445,6 @@ async def ram_throughput(ctx: Context) -> dict[str, Any]:
             "parameters": first.get("parameters"),
             "ram-file-dir": str(image.path.parent) if image else None,
             "ram-digest": image.digest if image else None}
-    await _measure_iperf(ctx, result, "loopback")
     return result
 
 
@@ -442,10 +485,14 @@ def _eval_ram_throughput(result: dict[str, Any]) -> None:
                 s.setdefault("metrics", {}).update(
                     qemu_peer.derive(s["src"], s.get("trace-checkpoints")))
         q["summary"] = summarize(q["samples"])
-        base = result.get("iperf3", {}).get(str(q["streams"]))
+        # QEMU's own runs have no iperf3 run beside them: the same stream count's
+        # iperf3 runs of this scenario stand in
+        base = [b for p in result["points"] if p["streams"] == q["streams"]
+                for _, b in _pairs(p, "ram-GBps")]
+        old = result.get("iperf3", {}).get(str(q["streams"]))
         v = med(q, "ram-GBps")
-        if base:
-            q["iperf3-GBps"] = base["median"] / 1e9
+        if base or old:
+            q["iperf3-GBps"] = (statistics.median(base) if base else old["median"]) / 1e9
             q["ratio"] = None if v is None else v / q["iperf3-GBps"]
     drained = [f"{q['key']} {med(q, 'post-drain-ms'):.1f} ms" for q in qpts
                if med(q, "post-drain-ms") is not None]
@@ -461,7 +508,11 @@ def _eval_ram_throughput(result: dict[str, Any]) -> None:
             continue
         v, qv = med(p, "ram-GBps"), med(q, "ram-GBps")
         p["qemu-GBps"] = qv
-        p["vs-qemu"] = None if v is None or not qv else v / qv
+        pairs = _rep_pairs(p, q, "ram-GBps") if result.get("qemu-adjacent") else []
+        if pairs:  # each of our samples against QEMU's taken right after it
+            p["vs-qemu"] = statistics.median(a / b for a, b in pairs)
+        else:
+            p["vs-qemu"] = None if v is None or not qv else v / qv
         if not p["multifd"]:  # main channel only: shown, like its iperf3 ratio, no target
             continue
         qbad = fail_reason(q)
@@ -657,7 +708,7 @@ async def shaped_network_scenario(ctx: Context) -> dict[str, Any]:
                  f"(SO_MAX_PACING_RATE); 4 devices, {human(total)}",
         "config": {"devices": devices, "link-bits": ctx.link_bits,
                    "stream-bits": ctx.stream_bits, "bytes": total},
-        "points": points, "measure-notes": []}
+        "points": points, "measure-notes": _iperf_notes(ctx)}
     with shaped_network(ctx.link_bits) as net:
         result["config"]["addresses"] = [net.src_ip, net.dst_ip]
 
@@ -669,10 +720,10 @@ async def shaped_network_scenario(ctx: Context) -> dict[str, Any]:
                 return await migrate(src, dst, multifd=p["multifd"], channels=p["channels"],
                                      timeout=_timeout(total, floor_bps=pacing / 2))
 
-        await run_points(ctx, "shaped-network", points, run, _show_device)
-        await _measure_iperf(ctx, result, "shaped", host=net.dst_ip,
-                             client_prefix=net.prefix("src"), server_prefix=net.prefix("dst"),
-                             fq_rate_bits=ctx.stream_bits)
+        baseline = iperf_baseline(ctx, "shaped", host=net.dst_ip,
+                                  client_prefix=net.prefix("src"),
+                                  server_prefix=net.prefix("dst"), fq_rate_bits=ctx.stream_bits)
+        await run_points(ctx, "shaped-network", points, run, _show_device, baseline=baseline)
     return result
 
 

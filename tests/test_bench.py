@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark harness: bench/run.py --quick on one scenario, real daemons."""
+"""The benchmark harness: a smoke run of bench/run.py --quick on one scenario with real
+daemons, and how the ratios are taken from the samples."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.e2e
 def test_bench_quick_device_throughput(tmp_path):
     out = tmp_path / "results"
     cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--scenario",
@@ -57,3 +57,71 @@ def test_bench_quick_device_throughput(tmp_path):
     if plots:
         assert results["plots"] == ["device-throughput.png"]
         assert (out / "device-throughput.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- ratios from paired samples (no daemons) ----------------------------------------------
+
+def _sample(gbps: float, iperf_gbps: float | None, rep: int, *, busy: bool = False,
+            verified: bool = True) -> dict:
+    s = {"verified": verified, "rep": rep, "metrics": {"device-GBps": gbps, "ram-GBps": gbps}}
+    if iperf_gbps is not None:
+        s["iperf3"] = {"Bps": iperf_gbps * 1e9}
+    if busy:
+        s["foreign-processes"] = ["pytest"]
+    return s
+
+
+def _point(key: str, samples: list[dict], channels: int = 4, multifd: bool = True) -> dict:
+    return {"key": key, "multifd": multifd, "channels": channels, "streams": channels,
+            "samples": samples}
+
+
+def test_ratio_is_the_median_of_each_sample_over_the_iperf3_run_beside_it():
+    from bench.scenarios import DEVICE_RATIO, evaluate
+
+    # a slow spell halves both a sample and its iperf3 run: the pairs say 0.9 every time,
+    # the medians of each column alone would say 2/3.4 = 0.59 (a FAIL)
+    point = _point("4 ch", [_sample(3.6, 4.0, 0), _sample(1.8, 2.0, 1), _sample(1.8, 2.0, 2),
+                            _sample(0.5, 5.0, 3, verified=False)])
+    result = evaluate({"name": "device-throughput", "points": [point], "measure-notes": []})
+    assert point["ratio"] == pytest.approx(0.9)
+    assert point["iperf3-GBps"] == pytest.approx(2.0)  # median of the three good runs
+    (ratio,) = [t for t in result["targets"] if t["name"] == "device-throughput-ratio"]
+    assert ratio["value"] == pytest.approx(0.9) and ratio["limit"] == DEVICE_RATIO
+    assert ratio["pass"] is False  # a sample failed: the target fails, whatever the ratio
+
+
+def test_disturbed_pairs_are_left_out_unless_all_are():
+    from bench.scenarios import _pairs
+
+    quiet = _sample(3.0, 4.0, 0)
+    noisy = _sample(1.0, 4.0, 1, busy=True)
+    assert _pairs(_point("4 ch", [quiet, noisy]), "device-GBps") == [(3e9, 4e9)]
+    assert _pairs(_point("4 ch", [noisy]), "device-GBps") == [(1e9, 4e9)]
+    assert _pairs(_point("4 ch", [_sample(3.0, None, 0)]), "device-GBps") == []
+
+
+def test_results_from_before_the_pairing_keep_their_ratio_of_medians():
+    from bench.scenarios import evaluate
+
+    point = _point("2 ch", [_sample(3.0, None, 0), _sample(2.0, None, 1)], channels=2)
+    iperf = {"2": [{"Bps": 4e9}, {"Bps": 6e9}, {"Bps": 5e9}]}
+    evaluate({"name": "device-throughput", "points": [point], "measure-notes": [],
+              "iperf3-samples": iperf})
+    assert point["iperf3-GBps"] == pytest.approx(5.0)
+    assert point["ratio"] == pytest.approx(2.5 / 5.0)
+
+
+def test_ours_against_qemu_pairs_the_samples_of_each_repeat():
+    from bench.scenarios import evaluate
+
+    ours = _point("4 ch", [_sample(3.0, 4.0, 0), _sample(1.5, 2.0, 1), _sample(3.2, 4.0, 2)])
+    qemu = {**_point("QEMU 4 ch", [_sample(4.0, None, 0), _sample(2.0, None, 1),
+                                   _sample(2.0, None, 2, verified=False)]), "peer": "qemu"}
+    result = evaluate({"name": "ram-throughput", "points": [ours], "qemu-points": [qemu],
+                       "measure-notes": [], "qemu-adjacent": True,
+                       "config": {"qemu": {"version": "7.2.22"}}})
+    assert ours["vs-qemu"] == pytest.approx(0.75)  # repeats 0 and 1; QEMU's #2 failed
+    assert qemu["iperf3-GBps"] == pytest.approx(4.0)  # our 4-stream iperf3 runs
+    (vs,) = [t for t in result["targets"] if t["name"] == "ram-vs-qemu"]
+    assert vs["value"] == pytest.approx(0.75) and vs["pass"] is False

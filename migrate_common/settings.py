@@ -42,7 +42,10 @@ PARAMETER_DEFAULTS: dict[str, Any] = {
     "x-socket-buffer-size": -1,       # multifd SO_SNDBUF/SO_RCVBUF: -1 auto, 0 kernel autotuning
     "tls-creds": "",                  # id of a --object tls-creds-x509; "" = no TLS
     "tls-hostname": "",               # name the destination's certificate must carry
+    "x-verify-ram": True,             # compare guest RAM digests before the destination runs
 }
+
+_BOOL_TEXT = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 _INT_RANGES = {
     "multifd-channels": (1, 255),
@@ -121,6 +124,9 @@ class MigrationSettings:
                     value = ""  # QMP's StrOrNull: null resets it
                 if not isinstance(value, str) or len(value) > 255:
                     raise ConfigError(f"Invalid parameter type for '{name}', expected: string")
+            elif name == "x-verify-ram":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"Invalid parameter type for '{name}', expected: boolean")
             elif name == "zero-page-detection":
                 if value not in _ZERO_PAGE_DETECTION:
                     raise ConfigError("Parameter 'zero-page-detection' expects one of "
@@ -135,7 +141,9 @@ class MigrationSettings:
     def set_parameter_text(self, name: str, text: str) -> None:
         """Apply a ``NAME=VALUE`` given on a command line."""
         value: Any = text
-        if name in _INT_RANGES:
+        if name == "x-verify-ram":
+            value = _BOOL_TEXT.get(text.strip().lower(), text)
+        elif name in _INT_RANGES:
             from vm.properties import parse_size
 
             value = (parse_size(text) if name in ("max-bandwidth", "x-socket-buffer-size")

@@ -81,6 +81,7 @@ from protocol.errors import (
     ChannelError,
     ConfigError,
     HandshakeError,
+    RemoteProtocolError,
     SequenceError,
     UnknownDeviceError,
     VerificationError,
@@ -126,7 +127,8 @@ class IncomingMigration:
         self._sections: dict[int, tuple[Any, str]] = {}
         self.recv_sync = (RecvSync(self.channel_count, self._timeout_switchover())
                           if self.channel_count else None)
-        self.ram_handler = (RamLoadHandler(vm.ram, self.recv_sync, self.log)
+        self.ram_handler = (RamLoadHandler(vm.ram, self.recv_sync, self.log,
+                                           verify=settings.param("x-verify-ram"))
                             if vm.ram is not None else None)
         # None until the hello says; an early failure still tries to tell the source
         self.return_path: bool | None = None
@@ -440,6 +442,14 @@ class IncomingMigration:
         if bool(caps.get("switchover-ack")) != self.settings.cap("switchover-ack"):
             raise ConfigError("switchover-ack capability differs between source and "
                               "destination; set it on both sides")
+        # a source that predates the parameter always sends the RAM digest
+        verify = hello.parameters.get("x-verify-ram", True)
+        if type(verify) is not bool:
+            raise RemoteProtocolError(f"hello: x-verify-ram must be a boolean, got {verify!r}")
+        if self.vm.ram is not None and verify is not self.settings.param("x-verify-ram"):
+            raise ConfigError(
+                f"x-verify-ram differs: source {'on' if verify else 'off'}, destination "
+                f"{'on' if self.settings.param('x-verify-ram') else 'off'}; set it on both sides")
         src_ram = int(hello.parameters.get("ram-size", 0))
         dst_ram = self.vm.ram.total_size if self.vm.ram is not None else 0
         if src_ram != dst_ram:
@@ -586,9 +596,8 @@ class IncomingMigration:
                 raise VerificationError(f"device {device_id}: loaded state digest {mine} "
                                         f"does not match the source's {theirs}")
             digests[device_id] = mine
-        if self.vm.ram is not None:
-            if self.ram_handler is not None:
-                await self.ram_handler.prehasher.stop()
+        if self.ram_handler is not None and self.ram_handler.verify:
+            await self.ram_handler.prehasher.stop()
             mine = await self.vm.ram.digest_async()
             theirs = eof.digests.get(RAM_DIGEST_KEY)
             if theirs != mine:

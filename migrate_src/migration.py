@@ -294,7 +294,8 @@ class OutgoingMigration:
             self.ram_handler = RamSaveHandler(
                 self.vm.ram, 0, main=self.main, sender=self.sender,
                 zero_page_detection=settings.param("zero-page-detection"),
-                pace=self.pacer.account, log=self.log, on_pass=self._on_pass)
+                pace=self.pacer.account, log=self.log, on_pass=self._on_pass,
+                verify=settings.param("x-verify-ram"))
         # device digests of the state we are about to send (RAM's comes at VM stop)
         self.digests = await self.vm.digests()
 
@@ -305,6 +306,7 @@ class OutgoingMigration:
             parameters={"multifd-channels": settings.param("multifd-channels") if multifd else 0,
                         "multifd-compression": settings.param("multifd-compression"),
                         "zero-page-detection": settings.param("zero-page-detection"),
+                        "x-verify-ram": settings.param("x-verify-ram"),
                         "ram-size": self.vm.ram.total_size if self.vm.ram is not None else 0},
             devices=tuple(descriptors))
         await self.main.send(hello)
@@ -435,7 +437,7 @@ class OutgoingMigration:
         self.status.set(S.DEVICE)
         if self.pacer is not None:
             self.pacer.limit = 0  # no throttling while the VM is stopped
-        if self.vm.ram is not None:
+        if self.ram_handler is not None and self.ram_handler.verify:
             # the guest is stopped, so this is the content the destination must end with
             self._ram_digest = asyncio.ensure_future(self._final_ram_digest())
         # VM-state callbacks: every device quiesces at the same time
@@ -571,6 +573,8 @@ class OutgoingMigration:
         if status is S.COMPLETED:
             # only a return path brings the destination's digests back to compare
             info["x-digests-verified"] = bool(self.dst_digests)
+            if self.vm.ram is not None:  # x-verify-ram off: devices only
+                info["x-ram-verified"] = RAM_DIGEST_KEY in self.dst_digests
         if self.error_desc is not None and status in (S.FAILED, S.FAILING):
             info["error-desc"] = self.error_desc
         elif status is S.FAILING and self.funnel.error is not None:

@@ -38,8 +38,9 @@ class RamSaveHandler:
     def __init__(self, ram: GuestRam, section_id: int, *, main: MainChannel,
                  sender: MultifdSender | None, zero_page_detection: str,
                  pace: Callable[[int], Awaitable[None]], log: Any,
-                 on_pass: Callable[[int], None]) -> None:
+                 on_pass: Callable[[int], None], verify: bool = True) -> None:
         self.ram = ram
+        self.verify = verify  # x-verify-ram: hash the RAM for the digest at the end
         self.section_id = section_id
         self.main = main
         self.sender = sender
@@ -72,7 +73,8 @@ class RamSaveHandler:
         ram.start_migration()
         ram.begin_round()
         # hash settled chunks now, so the digest at VM stop has little left to do
-        self.prehasher.start()
+        if self.verify:
+            self.prehasher.start()
         self._last_sync = time.monotonic()
         await self._flush_and_sync()
         await self.main.send(RamEos())

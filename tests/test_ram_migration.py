@@ -136,6 +136,58 @@ async def test_migration_pass_events(pair_factory):
         assert passes and passes == sorted(passes) and passes[0] == 1
 
 
+# -- x-verify-ram ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("verify", [True, False])
+async def test_x_verify_ram(pair_factory, verify):
+    """Off on both sides: the RAM still arrives whole (checked here from outside), but
+    neither side hashes it during the migration and only the devices are compared."""
+    async with pair_factory(DEV, memory="16M,fill=mixed,seed=3",
+                            workload="dirty-rate=30M,seed=3") as pair:
+        await pair.configure(multifd=True, channels=2,
+                             extra_params={**FAST, "x-verify-ram": verify})
+        info = await pair.migrate()
+        assert info["status"] == "completed", info.get("error-desc")
+        assert info["x-digests-verified"] is True  # the device's digest either way
+        assert info["x-ram-verified"] is verify
+        src, dst = await pair.digests()
+        assert src[":ram"] is not None and src == dst
+
+
+async def test_x_verify_ram_must_match(pair_factory):
+    async with pair_factory([], memory="8M") as pair:
+        await pair.configure(multifd=True, channels=2, side="src",
+                             extra_params={"x-verify-ram": False})
+        await pair.configure(multifd=True, channels=2, side="dst")
+        info = await pair.migrate()
+        assert info["status"] == "failed"
+        assert ("x-verify-ram differs: source off, destination on; set it on both sides"
+                in info["error-desc"])
+        # the source VM keeps running and migrates once the sides agree
+        assert (await pair.src.execute("query-status"))["running"]
+
+
+@pytest.mark.parametrize("value", ["off", 0, 1])
+async def test_x_verify_ram_from_a_source_must_be_boolean(pair_factory, value):
+    async with pair_factory([], memory="8M") as pair:
+        await pair.configure(multifd=True, channels=2, side="dst")
+        fake = FakeSource(parse_address(await pair.uri()), channels=2)
+        try:
+            await fake.connect_all()
+            hello = fake.hello([])
+            hello.parameters["ram-size"] = 8 << 20
+            hello.parameters["x-verify-ram"] = value
+            await fake.send(hello)
+            reply = await fake.receive()
+            assert isinstance(reply, Shut) and not reply.ok
+            assert reply.code == "protocol-error"  # blamed on the source, not the config
+            assert f"x-verify-ram must be a boolean, got {value!r}" in reply.error
+        finally:
+            fake.close()
+        info = await wait_status(pair.dst, "failed")
+        assert "x-verify-ram must be a boolean" in info["error-desc"]
+
+
 # -- a scripted source breaking the RAM rules ------------------------------------------
 
 async def _ram_session(pair, packets, *, flush: bool = True, channels: int = 2):

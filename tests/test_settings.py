@@ -1,4 +1,5 @@
-"""migrate_common.settings: x-socket-buffer-size, through the QMP arguments and the CLI text."""
+"""migrate_common.settings: x-socket-buffer-size and x-verify-ram, through the QMP arguments
+and the CLI text."""
 
 from __future__ import annotations
 
@@ -80,3 +81,36 @@ async def test_over_qmp(pair_factory) -> None:  # type: ignore[no-untyped-def]
                 with pytest.raises(QmpCommandError, match=NAME):
                     await end.execute("migrate-set-parameters", {NAME: bad})
             assert (await end.execute("query-migrate-parameters"))[NAME] == 262144
+
+
+# -- x-verify-ram ------------------------------------------------------------------------
+
+def test_verify_ram_defaults_on_and_takes_booleans() -> None:
+    settings = MigrationSettings()
+    assert PARAMETER_DEFAULTS["x-verify-ram"] is True and settings.param("x-verify-ram") is True
+    settings.set_parameters({"x-verify-ram": False})
+    assert settings.param("x-verify-ram") is False
+    assert settings.query_parameters()["x-verify-ram"] is False
+
+
+@pytest.mark.parametrize("value", [0, 1, "off", None, 1.0])
+def test_verify_ram_rejects_what_is_not_a_boolean(value: object) -> None:
+    settings = MigrationSettings()
+    with pytest.raises(ConfigError, match="'x-verify-ram', expected: boolean"):
+        settings.set_parameters({"x-verify-ram": value})
+    assert settings.param("x-verify-ram") is True
+
+
+@pytest.mark.parametrize(("text", "value"), [("off", False), ("OFF", False), ("false", False),
+                                             ("no", False), ("on", True), ("true", True),
+                                             (" yes ", True)])
+def test_verify_ram_text(text: str, value: bool) -> None:
+    settings = MigrationSettings()
+    settings.set_parameter_text("x-verify-ram", text)
+    assert settings.param("x-verify-ram") is value
+
+
+@pytest.mark.parametrize("text", ["", "0", "maybe"])
+def test_verify_ram_text_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="expected: boolean"):
+        MigrationSettings().set_parameter_text("x-verify-ram", text)

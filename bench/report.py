@@ -65,7 +65,8 @@ def scenario_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     elif name == "ram-throughput":
         head = ["channels", "RAM GB/s", "iperf3 GB/s", "ratio", "target >=0.8",
                 "QEMU GB/s", "ours/QEMU", "target >=1.0", "on the wire ms", "downtime ms"]
-        for p in [*pts, *result.get("qemu-points", [])]:  # QEMU's rows last
+        # then the variants (x-verify-ram off), and QEMU's rows last
+        for p in [*pts, *result.get("variant-points", []), *result.get("qemu-points", [])]:
             t = _targets_for(result, p["key"])
             qemu = p.get("peer") == "qemu"
             rows.append([p["key"], _spread(p, "ram-GBps"), _num(p.get("iperf3-GBps")),

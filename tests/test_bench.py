@@ -118,10 +118,15 @@ def test_ours_against_qemu_pairs_the_samples_of_each_repeat():
     ours = _point("4 ch", [_sample(3.0, 4.0, 0), _sample(1.5, 2.0, 1), _sample(3.2, 4.0, 2)])
     qemu = {**_point("QEMU 4 ch", [_sample(4.0, None, 0), _sample(2.0, None, 1),
                                    _sample(2.0, None, 2, verified=False)]), "peer": "qemu"}
+    unverified = _point("4 ch, x-verify-ram off", [_sample(3.6, 4.0, 0), _sample(1.8, 2.0, 1)])
     result = evaluate({"name": "ram-throughput", "points": [ours], "qemu-points": [qemu],
-                       "measure-notes": [], "qemu-adjacent": True,
-                       "config": {"qemu": {"version": "7.2.22"}}})
+                       "variant-points": [unverified], "measure-notes": [],
+                       "qemu-adjacent": True, "config": {"qemu": {"version": "7.2.22"}}})
     assert ours["vs-qemu"] == pytest.approx(0.75)  # repeats 0 and 1; QEMU's #2 failed
     assert qemu["iperf3-GBps"] == pytest.approx(4.0)  # our 4-stream iperf3 runs
     (vs,) = [t for t in result["targets"] if t["name"] == "ram-vs-qemu"]
     assert vs["value"] == pytest.approx(0.75) and vs["pass"] is False
+    # the variant is measured like a point but is no target
+    assert unverified["ratio"] == pytest.approx(0.9)
+    assert unverified["vs-qemu"] == pytest.approx(0.9)
+    assert all(t.get("point") != unverified["key"] for t in result["targets"])

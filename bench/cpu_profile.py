@@ -82,8 +82,12 @@ def summarise(samples: list[tuple[int, int, str, str, str]], freq: int,
             for who, c in table.items()}
 
 
-async def run(kind: str, channels: int, freq: int, symbols: int = 0) -> None:
+async def run(kind: str, channels: int, freq: int, symbols: int = 0,
+              device_count: int = 4) -> None:
     devices, src_args, dst_args = KINDS[kind]
+    if kind == "devices" and device_count != len(devices):  # the same 2 GiB, split
+        devices = [f"vfio-sim,id=dev{i},state-size={2048 // device_count}M"
+                   for i in range(device_count)]
     workdir = Path(tempfile.mkdtemp(prefix="mfm-cpu-"))
     data = workdir / "perf.data"
     try:
@@ -104,7 +108,8 @@ async def run(kind: str, channels: int, freq: int, symbols: int = 0) -> None:
                         and await digests_match(src, dst))
         m = sample["metrics"]
         rate = m.get("ram-GBps") if kind == "ram" else m.get("device-GBps")
-        print(f"{kind}, {channels or 'main'} channel(s): {rate:.2f} GB/s, downtime "
+        what = f"{kind} ({len(devices)})" if devices else kind
+        print(f"{what}, {channels or 'main'} channel(s): {rate:.2f} GB/s, downtime "
               f"{m.get('downtime-ms')} ms, migrate() took {wall:.2f} s "
               f"(recording {wall + 0.5:.2f} s on {os.cpu_count()} CPUs), digests "
               f"{'match' if verified else 'DO NOT MATCH'}")
@@ -133,13 +138,17 @@ def main() -> None:
     ap.add_argument("kind", choices=sorted(KINDS))
     ap.add_argument("--channels", type=int, default=4, help="multifd channels (0: main only)")
     ap.add_argument("--freq", type=int, default=1999, help="samples per second per CPU")
+    ap.add_argument("--devices", type=int, default=4, metavar="N",
+                    help="devices: how many devices share the 2 GiB (a power of two)")
     ap.add_argument("--symbols", type=int, default=0, metavar="N",
                     help="also list the N functions (kernel, interpreter, libraries) each "
                          "daemon spent most CPU time in")
     args = ap.parse_args()
     if shutil.which("perf") is None:
         sys.exit("perf is not installed (Debian: apt-get install linux-perf)")
-    asyncio.run(run(args.kind, args.channels, args.freq, args.symbols))
+    if args.devices < 1 or 2048 % args.devices:
+        sys.exit("--devices must divide 2048 (MiB): 1, 2, 4, ... 2048")
+    asyncio.run(run(args.kind, args.channels, args.freq, args.symbols, args.devices))
 
 
 if __name__ == "__main__":

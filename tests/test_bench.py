@@ -130,3 +130,15 @@ def test_ours_against_qemu_pairs_the_samples_of_each_repeat():
     assert unverified["ratio"] == pytest.approx(0.9)
     assert unverified["vs-qemu"] == pytest.approx(0.9)
     assert all(t.get("point") != unverified["key"] for t in result["targets"])
+
+
+def test_ab_variants_parse():
+    import argparse
+
+    from bench.ab import parse_variant
+
+    assert parse_variant('off={"x-verify-ram": false}') == ("off", {"x-verify-ram": False})
+    assert parse_variant("a={}") == ("a", {})
+    for bad in ("nothing", "={}", "a=[1]", "a={bad json"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_variant(bad)

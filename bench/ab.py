@@ -1,0 +1,103 @@
+"""Alternating A/B runs: the same migration with different parameters, interleaved.
+
+On a shared machine whose speed drifts by a third over tens of seconds, two settings
+compared in two separate runs compare two moments as much as two settings.  This
+runs variant A, then B (then C ...), then A again, and so on, each on a fresh daemon
+pair, and prints every sample and the medians::
+
+    python bench/ab.py --ram 2G --channels 4 --repeat 6 \\
+        'on={}' 'off={"x-verify-ram": false}'
+    python bench/ab.py --devices 4 --state 512M --channels 8 \\
+        'auto={}' '1M={"x-socket-buffer-size": 1048576}'
+
+Each variant is ``NAME=JSON``: the ``migrate-set-parameters`` arguments set on both
+daemons (on top of the harness's ``multifd-channels`` and ``max-bandwidth=0``).
+Samples whose digests do not match count as failures and are left out of the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.harness import daemon_pair, migrate  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME=JSON`` -> (name, parameters)."""
+    name, sep, params = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME=JSON")
+    try:
+        value = json.loads(params)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"variant {name!r}: bad JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"variant {name!r}: JSON must be an object")
+    return name, value
+
+
+async def run(args: argparse.Namespace) -> int:
+    variants: list[tuple[str, dict[str, Any]]] = args.variants
+    if args.ram:
+        devices: list[str] = []
+        src_args = ["--memory", f"{args.ram},fill=random"]
+        dst_args = ["--memory", args.ram]
+        metric = "ram-GBps"
+    else:
+        devices = [f"vfio-sim,id=dev{i},state-size={args.state}" for i in range(args.devices)]
+        src_args, dst_args = [], []
+        metric = "device-GBps"
+    samples: dict[str, list[float]] = {name: [] for name, _ in variants}
+    failed = 0
+    for rep in range(args.repeat):
+        for name, params in variants:
+            async with daemon_pair(devices, src_args=src_args, dst_args=dst_args) as (src, dst):
+                sample = await migrate(src, dst, multifd=args.channels > 0,
+                                       channels=max(args.channels, 1), timeout=600,
+                                       parameters=params)
+            value = sample.get("metrics", {}).get(metric)
+            ok = sample.get("verified") and value is not None
+            if ok:
+                samples[name].append(value)
+            else:
+                failed += 1
+            shown = f"{value:.2f} GB/s" if value is not None else "-"
+            print(f"#{rep + 1} {name:<20} {shown}  downtime "
+                  f"{sample.get('metrics', {}).get('downtime-ms', '-')} ms"
+                  f"{'' if ok else '  FAILED: ' + str(sample.get('error') or 'not verified')}",
+                  flush=True)
+    print(f"{metric}, median (min-max) of {args.repeat} alternating samples:")
+    for name, values in samples.items():
+        if values:
+            print(f"  {name:<20} {statistics.median(values):.2f} "
+                  f"({min(values):.2f}-{max(values):.2f})")
+        else:
+            print(f"  {name:<20} no good sample")
+    return 1 if failed else 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("variants", nargs="+", type=parse_variant, metavar="NAME=JSON")
+    what = ap.add_mutually_exclusive_group()
+    what.add_argument("--ram", metavar="SIZE", help="guest RAM of random content, no devices")
+    what.add_argument("--devices", type=int, default=4, help="vfio-sim devices (default 4)")
+    ap.add_argument("--state", default="512M", help="state size of each device (default 512M)")
+    ap.add_argument("--channels", type=int, default=4, help="multifd channels; 0 = main only")
+    ap.add_argument("--repeat", type=int, default=5, help="samples per variant (default 5)")
+    args = ap.parse_args()
+    sys.exit(asyncio.run(run(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
+import subprocess
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -281,7 +282,12 @@ def iperf_baseline(ctx: Context, kind: str, **kw: Any) -> Baseline | None:
         for attempt in range(1 + ctx.retries):
             busy = set(await wait_idle(ctx.idle_wait))
             busy0, ours0, t0 = *cpu_counters(), time.monotonic()
-            r = iperf3(n, ctx.sizes.iperf_seconds, **kw)
+            try:
+                r = iperf3(n, ctx.sizes.iperf_seconds, **kw)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                # a baseline that failed leaves its sample without a pair, nothing more
+                ctx.log(f"  [iperf3 {kind}] -P {n}: FAILED: {exc}")
+                return {"error": f"{type(exc).__name__}: {exc}"}
             busy1, ours1 = cpu_counters()
             wall = max(time.monotonic() - t0, 1e-3)
             r["foreign-cpu"] = round(max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall, 3)
@@ -340,7 +346,8 @@ def _pairs(point: dict[str, Any], metric: str) -> list[tuple[float, float]]:
     pairs = [(s["metrics"][metric] * 1e9, s["iperf3"]["Bps"], bool(
                  s.get("foreign-processes") or s["iperf3"].get("foreign-processes")))
              for s in point["samples"]
-             if s.get("verified") and "iperf3" in s and s["metrics"].get(metric) is not None]
+             if s.get("verified") and s.get("iperf3", {}).get("Bps")
+             and s["metrics"].get(metric) is not None]
     quiet = [(v, b) for v, b, busy in pairs if not busy]
     return quiet or [(v, b) for v, b, _ in pairs]
 
@@ -525,7 +532,7 @@ def _eval_ram_throughput(result: dict[str, Any]) -> None:
             p["vs-qemu"] = statistics.median(a / b for a, b in pairs)
         else:
             p["vs-qemu"] = None if v is None or not qv else v / qv
-        if not p["multifd"] or p in variants:  # shown, like its iperf3 ratio; no target
+        if not p["multifd"] or any(p is u for u in variants):  # shown; no target
             continue
         qbad = fail_reason(q)
         result["targets"].append(target(

@@ -99,6 +99,8 @@ def test_disturbed_pairs_are_left_out_unless_all_are():
     assert _pairs(_point("4 ch", [quiet, noisy]), "device-GBps") == [(3e9, 4e9)]
     assert _pairs(_point("4 ch", [noisy]), "device-GBps") == [(1e9, 4e9)]
     assert _pairs(_point("4 ch", [_sample(3.0, None, 0)]), "device-GBps") == []
+    failed_iperf = {**_sample(3.0, None, 0), "iperf3": {"error": "RuntimeError: no server"}}
+    assert _pairs(_point("4 ch", [failed_iperf]), "device-GBps") == []
 
 
 def test_results_from_before_the_pairing_keep_their_ratio_of_medians():

@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.harness import daemon_pair, migrate  # noqa: E402
+from migrate_common.qmp_client import QmpCommandError  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -61,10 +62,14 @@ async def run(args: argparse.Namespace) -> int:
     failed = 0
     for rep in range(args.repeat):
         for name, params in variants:
-            async with daemon_pair(devices, src_args=src_args, dst_args=dst_args) as (src, dst):
-                sample = await migrate(src, dst, multifd=args.channels > 0,
-                                       channels=max(args.channels, 1), timeout=600,
-                                       parameters=params)
+            try:
+                async with daemon_pair(devices, src_args=src_args,
+                                       dst_args=dst_args) as (src, dst):
+                    sample = await migrate(src, dst, multifd=args.channels > 0,
+                                           channels=max(args.channels, 1), timeout=600,
+                                           parameters=params)
+            except (RuntimeError, TimeoutError, OSError, QmpCommandError) as exc:
+                sample = {"verified": False, "error": f"{type(exc).__name__}: {exc}"}
             value = sample.get("metrics", {}).get(metric)
             ok = sample.get("verified") and value is not None
             if ok:
@@ -76,11 +81,12 @@ async def run(args: argparse.Namespace) -> int:
                   f"{sample.get('metrics', {}).get('downtime-ms', '-')} ms"
                   f"{'' if ok else '  FAILED: ' + str(sample.get('error') or 'not verified')}",
                   flush=True)
-    print(f"{metric}, median (min-max) of {args.repeat} alternating samples:")
+    print(f"{metric}, median (min-max) of the good samples, {args.repeat} alternating runs "
+          "each:")
     for name, values in samples.items():
         if values:
             print(f"  {name:<20} {statistics.median(values):.2f} "
-                  f"({min(values):.2f}-{max(values):.2f})")
+                  f"({min(values):.2f}-{max(values):.2f}), {len(values)} good")
         else:
             print(f"  {name:<20} no good sample")
     return 1 if failed else 0
@@ -96,6 +102,9 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=4, help="multifd channels; 0 = main only")
     ap.add_argument("--repeat", type=int, default=5, help="samples per variant (default 5)")
     args = ap.parse_args()
+    names = [name for name, _ in args.variants]
+    if len(set(names)) != len(names):
+        ap.error(f"variant names must differ: {', '.join(names)}")
     sys.exit(asyncio.run(run(args)))
 
 

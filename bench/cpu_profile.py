@@ -146,6 +146,8 @@ def main() -> None:
     args = ap.parse_args()
     if shutil.which("perf") is None:
         sys.exit("perf is not installed (Debian: apt-get install linux-perf)")
+    if args.kind != "devices" and args.devices != 4:
+        sys.exit("--devices is for the 'devices' kind")
     if args.devices < 1 or 2048 % args.devices:
         sys.exit("--devices must divide 2048 (MiB): 1, 2, 4, ... 2048")
     asyncio.run(run(args.kind, args.channels, args.freq, args.symbols, args.devices))

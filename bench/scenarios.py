@@ -284,7 +284,8 @@ def iperf_baseline(ctx: Context, kind: str, **kw: Any) -> Baseline | None:
             busy0, ours0, t0 = *cpu_counters(), time.monotonic()
             try:
                 r = iperf3(n, ctx.sizes.iperf_seconds, **kw)
-            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError,
+                    KeyError) as exc:  # (ValueError, KeyError: iperf3's JSON)
                 # a baseline that failed leaves its sample without a pair, nothing more
                 ctx.log(f"  [iperf3 {kind}] -P {n}: FAILED: {exc}")
                 return {"error": f"{type(exc).__name__}: {exc}"}
@@ -329,7 +330,7 @@ async def device_throughput(ctx: Context) -> dict[str, Any]:
     return {"name": "device-throughput",
             "title": f"Device-state throughput, VM stopped (4 devices, {human(total)})",
             "config": {"devices": devices, "bytes": total, "max-bandwidth": 0},
-            "points": points, "measure-notes": _iperf_notes(ctx)}
+            "points": points, "measure-notes": _iperf_notes(ctx), "paired": ctx.iperf}
 
 
 def _iperf_notes(ctx: Context) -> list[str]:
@@ -381,13 +382,17 @@ def _eval_ratio(result: dict[str, Any], ratio: float, metric: str, what: str) ->
             v = med(p, metric)
             p["iperf3-GBps"] = b
             p["ratio"] = None if v is None else v / b
-        else:
+        elif result.get("paired"):  # measured, but no good sample has its iperf3 run
+            p["ratio"] = None
+        else:  # --no-iperf: no ratio targets at all
             continue
         if p["multifd"]:
+            reason = fail_reason(p) or (None if p["ratio"] is not None else
+                                        "no good sample with its iperf3 run beside it")
             result["targets"].append(target(
                 f"{result['name']}-ratio",
                 f"{p['key']}: {what} / iperf3 -P {p['streams']}", p["ratio"], ratio, ">=",
-                "x", point=p["key"], reason=fail_reason(p)))
+                "x", point=p["key"], reason=reason))
 
 
 def _eval_device_throughput(result: dict[str, Any]) -> None:
@@ -446,8 +451,13 @@ async def ram_throughput(ctx: Context) -> dict[str, Any]:
         "config": {"src-args": src_args, "dst-args": dst_args, "max-bandwidth": 0,
                    "downtime-limit": 300},
         "points": points, "qemu-points": qemu_points, "variant-points": unverified,
-        "measure-notes": _iperf_notes(ctx) + qemu_notes,
-        "qemu-adjacent": True}  # (results.json from before it: ratio of the medians)
+        "measure-notes": _iperf_notes(ctx) + qemu_notes + (
+            ["ours/QEMU: the median over the repeats of our sample divided by QEMU's taken "
+             "right after it, so it can differ from the quotient of the two median "
+             "columns; a QEMU row's ratio: its median over that of the iperf3 runs beside "
+             "our samples with as many streams"] if qemu_points else []),
+        "qemu-adjacent": True,  # (results.json from before it: ratio of the medians)
+        "paired": ctx.iperf}
     if qemu_points:
         first: dict[str, Any] = next(
             (s for q in qemu_points for s in q["samples"] if s.get("argv")), {})
@@ -727,7 +737,7 @@ async def shaped_network_scenario(ctx: Context) -> dict[str, Any]:
                  f"(SO_MAX_PACING_RATE); 4 devices, {human(total)}",
         "config": {"devices": devices, "link-bits": ctx.link_bits,
                    "stream-bits": ctx.stream_bits, "bytes": total},
-        "points": points, "measure-notes": _iperf_notes(ctx)}
+        "points": points, "measure-notes": _iperf_notes(ctx), "paired": ctx.iperf}
     with shaped_network(ctx.link_bits) as net:
         result["config"]["addresses"] = [net.src_ip, net.dst_ip]
 
@@ -775,7 +785,7 @@ def evaluate(result: dict[str, Any]) -> dict[str, Any]:
     if "iperf3-samples" not in result and result.get("iperf3"):
         result["iperf3-samples"] = {k: v["samples"] for k, v in result["iperf3"].items()
                                     if "samples" in v}
-    for p in result["points"]:
+    for p in [*result["points"], *result.get("variant-points", [])]:
         for s in p["samples"]:
             if "src" in s:  # derived metrics again from the raw query-migrate
                 s.setdefault("metrics", {}).update(derive(s["src"]))

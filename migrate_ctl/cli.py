@@ -141,6 +141,8 @@ async def _run(args: argparse.Namespace) -> int:
             value = _parse_value(args.value)
             if args.name == "max-bandwidth" and isinstance(value, str):
                 value = parse_size(value)  # "1G" as on the daemons' command line
+            elif args.name == "x-verify-ram" and value in ("on", "off"):
+                value = value == "on"  # as on the daemons' command line
             await client.execute("migrate-set-parameters", {args.name: value})
             return 0
         if cmd == "capabilities":

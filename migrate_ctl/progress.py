@@ -158,4 +158,7 @@ def summary_lines(info: dict[str, Any], verified: bool | None = None) -> list[st
             f"{k} {v:.1f}" for k, v in dst.items()))
     if verified is not None:
         lines.append(f"digests:       {'verified, all devices match' if verified else 'MISMATCH'}")
+    if info.get("x-ram-verified") is False:
+        lines.append("guest RAM:     not compared by the migration (x-verify-ram off, or "
+                     "no return path)")
     return lines

@@ -443,13 +443,17 @@ class IncomingMigration:
             raise ConfigError("switchover-ack capability differs between source and "
                               "destination; set it on both sides")
         # a source that predates the parameter always sends the RAM digest
+        sent = "x-verify-ram" in hello.parameters
         verify = hello.parameters.get("x-verify-ram", True)
         if type(verify) is not bool:
             raise RemoteProtocolError(f"hello: x-verify-ram must be a boolean, got {verify!r}")
         if self.vm.ram is not None and verify is not self.settings.param("x-verify-ram"):
             raise ConfigError(
-                f"x-verify-ram differs: source {'on' if verify else 'off'}, destination "
-                f"{'on' if self.settings.param('x-verify-ram') else 'off'}; set it on both sides")
+                f"x-verify-ram differs: source {'on' if verify else 'off'}"
+                + ("" if sent else " (not sent: a source without the parameter always "
+                                   "verifies)")
+                + f", destination {'on' if self.settings.param('x-verify-ram') else 'off'}"
+                "; set it on both sides")
         src_ram = int(hello.parameters.get("ram-size", 0))
         dst_ram = self.vm.ram.total_size if self.vm.ram is not None else 0
         if src_ram != dst_ram:
@@ -598,7 +602,7 @@ class IncomingMigration:
             digests[device_id] = mine
         if self.ram_handler is not None and self.ram_handler.verify:
             await self.ram_handler.prehasher.stop()
-            mine = await self.vm.ram.digest_async()
+            mine = await self.ram_handler.ram.digest_async()
             theirs = eof.digests.get(RAM_DIGEST_KEY)
             if theirs != mine:
                 raise VerificationError(f"guest RAM: loaded digest {mine} does not match the "

@@ -139,6 +139,7 @@ class OutgoingMigration:
         self.error_desc: str | None = None
         self.digests: dict[str, str] = {}
         self.dst_digests: dict[str, str] = {}
+        self.digests_verified = False  # the destination returned every digest we sent
         self.iterations = 0
         self._cancel_requested = False
         self._abort_save = asyncio.Event()
@@ -494,6 +495,7 @@ class OutgoingMigration:
                 raise VerificationError(
                     "destination reports different state digests for "
                     + ", ".join(mismatched))
+            self.digests_verified = True
         assert self.downtime_start is not None
         self.downtime = self.clock() - self.downtime_start
         self.vm.set_run_state(RunState.POSTMIGRATE)
@@ -572,9 +574,10 @@ class OutgoingMigration:
             info["x-destination-checkpoints"] = dict(self.dst_checkpoints)
         if status is S.COMPLETED:
             # only a return path brings the destination's digests back to compare
-            info["x-digests-verified"] = bool(self.dst_digests)
+            info["x-digests-verified"] = self.digests_verified
             if self.vm.ram is not None:  # x-verify-ram off: devices only
-                info["x-ram-verified"] = RAM_DIGEST_KEY in self.dst_digests
+                info["x-ram-verified"] = (self.digests_verified
+                                          and RAM_DIGEST_KEY in self.digests)
         if self.error_desc is not None and status in (S.FAILED, S.FAILING):
             info["error-desc"] = self.error_desc
         elif status is S.FAILING and self.funnel.error is not None:

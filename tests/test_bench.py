@@ -144,3 +144,22 @@ def test_ab_variants_parse():
     for bad in ("nothing", "={}", "a=[1]", "a={bad json"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_variant(bad)
+
+
+def test_a_measured_point_without_any_pair_fails_its_ratio_target():
+    from bench.scenarios import evaluate
+
+    failed = _sample(0.0, None, 0, verified=False)
+    failed["error"] = "RuntimeError: daemon died"
+    unpaired = {**_sample(3.0, None, 1), "iperf3": {"error": "RuntimeError: no server"}}
+    points = [_point("4 ch", [failed]), _point("8 ch", [unpaired], channels=8)]
+    result = evaluate({"name": "device-throughput", "points": points, "measure-notes": [],
+                       "paired": True})
+    ratios = {t["point"]: t for t in result["targets"] if t["name"].endswith("-ratio")}
+    assert ratios["4 ch"]["pass"] is False and "daemon died" in ratios["4 ch"]["reason"]
+    assert ratios["8 ch"]["pass"] is False
+    assert ratios["8 ch"]["reason"] == "no good sample with its iperf3 run beside it"
+    # --no-iperf: no ratio target at all
+    result = evaluate({"name": "device-throughput", "points": [_point("4 ch", [failed])],
+                       "measure-notes": [], "paired": False})
+    assert not [t for t in result["targets"] if t["name"].endswith("-ratio")]

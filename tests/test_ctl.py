@@ -33,5 +33,8 @@ def test_progress_line_and_summary():
     for fragment in ("downtime:      42 ms", "gpu0 (multifd, 2.0 MiB)", "0=2.0 MiB",
                      "verified, all devices match", "throughput:"):
         assert fragment in text, fragment
+    assert "guest RAM:" not in text
+    unverified = "\n".join(summary_lines({**info, "x-ram-verified": False}))
+    assert "guest RAM:     not compared by the migration (x-verify-ram off" in unverified
     failed = "\n".join(summary_lines({"status": "failed", "error-desc": "boom"}))
     assert "error:         boom" in failed

@@ -23,6 +23,7 @@ from protocol.control import (
 from protocol.multifd import RamPacket, ram_page_count
 from tests.conftest import wait_final, wait_status
 from tests.fakesource import FakeSource
+from vm.ram import GuestRam
 
 DEV = ["vfio-sim,id=dev0,state-size=2M"]
 FAST = {"max-bandwidth": 0, "downtime-limit": 300}
@@ -138,20 +139,46 @@ async def test_migration_pass_events(pair_factory):
 
 # -- x-verify-ram ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("devices", [DEV, []])
 @pytest.mark.parametrize("verify", [True, False])
-async def test_x_verify_ram(pair_factory, verify):
+async def test_x_verify_ram(pair_factory, monkeypatch, verify, devices):
     """Off on both sides: the RAM still arrives whole (checked here from outside), but
     neither side hashes it during the migration and only the devices are compared."""
-    async with pair_factory(DEV, memory="16M,fill=mixed,seed=3",
+    hashed: list[str] = []
+    prehashed: list[str] = []
+    digest, prehash = GuestRam.digest, GuestRam.prehash
+    monkeypatch.setattr(GuestRam, "digest", lambda self, fresh=False: (
+        hashed.append(self.role), digest(self, fresh))[1])
+    monkeypatch.setattr(GuestRam, "prehash", lambda self, *a, **kw: (
+        prehashed.append(self.role), prehash(self, *a, **kw))[1])
+    async with pair_factory(devices, memory="16M,fill=mixed,seed=3",
                             workload="dirty-rate=30M,seed=3") as pair:
         await pair.configure(multifd=True, channels=2,
                              extra_params={**FAST, "x-verify-ram": verify})
         info = await pair.migrate()
         assert info["status"] == "completed", info.get("error-desc")
-        assert info["x-digests-verified"] is True  # the device's digest either way
+        # the destination confirmed every digest the source sent (the device's, and
+        # the RAM's when verified)
+        assert info["x-digests-verified"] is True
         assert info["x-ram-verified"] is verify
+        expected = ["destination", "source"] if verify else []
+        assert sorted(set(hashed)) == expected and sorted(set(prehashed)) == expected
         src, dst = await pair.digests()
         assert src[":ram"] is not None and src == dst
+
+
+async def test_a_wrong_ram_digest_keeps_the_destination_stopped(pair_factory, monkeypatch):
+    digest = GuestRam.digest
+    monkeypatch.setattr(GuestRam, "digest", lambda self, fresh=False: (
+        "0" * 32 if self.role == "source" and not fresh else digest(self, fresh)))
+    async with pair_factory(DEV, memory="8M,fill=mixed,seed=4") as pair:
+        await pair.configure(multifd=True, channels=2, extra_params=FAST)
+        info = await pair.migrate()
+        assert info["status"] == "failed"
+        assert "guest RAM: loaded digest" in info["error-desc"]
+        assert "does not match the source's " + "0" * 32 in info["error-desc"]
+        assert (await pair.dst.execute("query-status"))["status"] == "inmigrate"
+        assert (await pair.src.execute("query-status"))["running"]
 
 
 async def test_x_verify_ram_must_match(pair_factory):
@@ -165,6 +192,25 @@ async def test_x_verify_ram_must_match(pair_factory):
                 in info["error-desc"])
         # the source VM keeps running and migrates once the sides agree
         assert (await pair.src.execute("query-status"))["running"]
+
+
+async def test_a_source_without_x_verify_ram_counts_as_verifying(pair_factory):
+    async with pair_factory([], memory="8M") as pair:
+        await pair.configure(multifd=True, channels=2, side="dst",
+                             extra_params={"x-verify-ram": False})
+        fake = FakeSource(parse_address(await pair.uri()), channels=2)
+        try:
+            await fake.connect_all()
+            hello = fake.hello([])  # as an older source: no x-verify-ram in it
+            hello.parameters["ram-size"] = 8 << 20
+            assert "x-verify-ram" not in hello.parameters
+            await fake.send(hello)
+            reply = await fake.receive()
+            assert isinstance(reply, Shut) and not reply.ok
+            assert ("x-verify-ram differs: source on (not sent: a source without the "
+                    "parameter always verifies), destination off") in reply.error
+        finally:
+            fake.close()
 
 
 @pytest.mark.parametrize("value", ["off", 0, 1])

@@ -114,3 +114,15 @@ def test_verify_ram_text(text: str, value: bool) -> None:
 def test_verify_ram_text_rejects(text: str) -> None:
     with pytest.raises(ConfigError, match="expected: boolean"):
         MigrationSettings().set_parameter_text("x-verify-ram", text)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("text", "value"), [("off", False), ("on", True), ("false", False)])
+async def test_verify_ram_through_migrate_ctl(pair_factory, tmp_path, text, value) -> None:  # type: ignore[no-untyped-def]
+    from migrate_ctl.cli import _parser, _run
+
+    async with pair_factory([]) as pair:
+        args = _parser().parse_args(["--qmp", f"unix:{tmp_path / 'src.qmp'}",
+                                     "set-parameter", "x-verify-ram", text])
+        assert await _run(args) == 0
+        assert (await pair.src.execute("query-migrate-parameters"))["x-verify-ram"] is value

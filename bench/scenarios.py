@@ -341,16 +341,30 @@ def _iperf_notes(ctx: Context) -> list[str]:
             "iperf3 GB/s: the median of those runs"]
 
 
+def _quiet_pairs(pairs: list[tuple[float, float, bool]]) -> list[tuple[float, float]]:
+    """The pairs (a, b, disturbed) neither side of which other processes disturbed,
+    or all of them if every one was (as :func:`clean` does for samples)."""
+    quiet = [(a, b) for a, b, busy in pairs if not busy]
+    return quiet or [(a, b) for a, b, _ in pairs]
+
+
 def _pairs(point: dict[str, Any], metric: str) -> list[tuple[float, float]]:
-    """(our throughput, iperf3's) in bytes/s of every good sample with its iperf3 run;
-    pairs where either was disturbed by other processes are left out unless all were."""
-    pairs = [(s["metrics"][metric] * 1e9, s["iperf3"]["Bps"], bool(
-                 s.get("foreign-processes") or s["iperf3"].get("foreign-processes")))
-             for s in point["samples"]
-             if s.get("verified") and s.get("iperf3", {}).get("Bps")
-             and s["metrics"].get(metric) is not None]
-    quiet = [(v, b) for v, b, busy in pairs if not busy]
-    return quiet or [(v, b) for v, b, _ in pairs]
+    """(our throughput, iperf3's) in bytes/s of every good sample with its iperf3 run."""
+    return _quiet_pairs([
+        (s["metrics"][metric] * 1e9, s["iperf3"]["Bps"],
+         bool(s.get("foreign-processes") or s["iperf3"].get("foreign-processes")))
+        for s in point["samples"]
+        if s.get("verified") and s.get("iperf3", {}).get("Bps")
+        and s["metrics"].get(metric) is not None])
+
+
+def _paired_ratio(point: dict[str, Any], metric: str) -> bool:
+    """Set the point's ``iperf3-GBps`` and ``ratio`` from its pairs; False without any."""
+    pairs = _pairs(point, metric)
+    if pairs:
+        point["iperf3-GBps"] = statistics.median(b for _, b in pairs) / 1e9
+        point["ratio"] = statistics.median(v / b for v, b in pairs)
+    return bool(pairs)
 
 
 def _rep_pairs(p: dict[str, Any], q: dict[str, Any], metric: str
@@ -362,10 +376,8 @@ def _rep_pairs(p: dict[str, Any], q: dict[str, Any], metric: str
                 for s in point["samples"]
                 if s.get("verified") and "rep" in s and s.get("metrics", {}).get(metric)}
     ours, theirs = by_rep(p), by_rep(q)
-    pairs = [(ours[r][0], theirs[r][0], ours[r][1] or theirs[r][1])
-             for r in sorted(ours.keys() & theirs.keys())]
-    quiet = [(a, b) for a, b, busy in pairs if not busy]
-    return quiet or [(a, b) for a, b, _ in pairs]
+    return _quiet_pairs([(ours[r][0], theirs[r][0], ours[r][1] or theirs[r][1])
+                         for r in sorted(ours.keys() & theirs.keys())])
 
 
 def _eval_ratio(result: dict[str, Any], ratio: float, metric: str, what: str) -> None:
@@ -373,19 +385,16 @@ def _eval_ratio(result: dict[str, Any], ratio: float, metric: str, what: str) ->
     if samples:
         result["iperf3"] = {k: iperf_summary(v) for k, v in samples.items()}
     for p in result["points"]:
-        pairs = _pairs(p, metric)
-        if pairs:
-            p["iperf3-GBps"] = statistics.median(b for _, b in pairs) / 1e9
-            p["ratio"] = statistics.median(v / b for v, b in pairs)
-        elif samples:
-            b = result["iperf3"][str(p["streams"])]["median"] / 1e9
-            v = med(p, metric)
-            p["iperf3-GBps"] = b
-            p["ratio"] = None if v is None else v / b
-        elif result.get("paired"):  # measured, but no good sample has its iperf3 run
-            p["ratio"] = None
-        else:  # --no-iperf: no ratio targets at all
-            continue
+        if not _paired_ratio(p, metric):
+            if samples:
+                b = result["iperf3"][str(p["streams"])]["median"] / 1e9
+                v = med(p, metric)
+                p["iperf3-GBps"] = b
+                p["ratio"] = None if v is None else v / b
+            elif result.get("paired"):  # measured, but no good sample has its iperf3 run
+                p["ratio"] = None
+            else:  # --no-iperf: no ratio targets at all
+                continue
         if p["multifd"]:
             reason = fail_reason(p) or (None if p["ratio"] is not None else
                                         "no good sample with its iperf3 run beside it")
@@ -527,10 +536,7 @@ def _eval_ram_throughput(result: dict[str, Any]) -> None:
     variants = result.get("variant-points") or []
     for u in variants:  # like a point, without targets
         u["summary"] = summarize(u["samples"])
-        pairs = _pairs(u, "ram-GBps")
-        if pairs:
-            u["iperf3-GBps"] = statistics.median(b for _, b in pairs) / 1e9
-            u["ratio"] = statistics.median(v / b for v, b in pairs)
+        _paired_ratio(u, "ram-GBps")
     for p in [*result["points"], *variants]:
         q = by.get((p["multifd"], p["channels"]))
         if q is None:

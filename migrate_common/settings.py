@@ -14,7 +14,7 @@ from typing import Any
 from protocol.errors import ConfigError
 from vm.properties import OnOffAuto
 
-__all__ = ["MigrationSettings", "compression_level", "effective_multifd_transfer", "effective_load_config_after_iter", "CAPABILITIES", "SUPPORTED_CAPABILITIES", "PARAMETER_DEFAULTS"]
+__all__ = ["MigrationSettings", "BOOLEAN_PARAMETERS", "bool_text", "compression_level", "effective_multifd_transfer", "effective_load_config_after_iter", "CAPABILITIES", "SUPPORTED_CAPABILITIES", "PARAMETER_DEFAULTS"]
 
 #: every capability name QEMU 10.x knows, in its enum order
 CAPABILITIES = (
@@ -45,7 +45,15 @@ PARAMETER_DEFAULTS: dict[str, Any] = {
     "x-verify-ram": True,             # compare guest RAM digests before the destination runs
 }
 
+#: parameters that are booleans (QMP true/false; on/off and the like as text)
+BOOLEAN_PARAMETERS = frozenset({"x-verify-ram"})
 _BOOL_TEXT = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
+
+
+def bool_text(text: str) -> bool | str:
+    """``on``/``off``, ``true``/``false``, ``yes``/``no`` as a bool; other text as it
+    is (for the parameter's own check to refuse)."""
+    return _BOOL_TEXT.get(text.strip().lower(), text)
 
 _INT_RANGES = {
     "multifd-channels": (1, 255),
@@ -124,7 +132,7 @@ class MigrationSettings:
                     value = ""  # QMP's StrOrNull: null resets it
                 if not isinstance(value, str) or len(value) > 255:
                     raise ConfigError(f"Invalid parameter type for '{name}', expected: string")
-            elif name == "x-verify-ram":
+            elif name in BOOLEAN_PARAMETERS:
                 if not isinstance(value, bool):
                     raise ConfigError(f"Invalid parameter type for '{name}', expected: boolean")
             elif name == "zero-page-detection":
@@ -141,8 +149,8 @@ class MigrationSettings:
     def set_parameter_text(self, name: str, text: str) -> None:
         """Apply a ``NAME=VALUE`` given on a command line."""
         value: Any = text
-        if name == "x-verify-ram":
-            value = _BOOL_TEXT.get(text.strip().lower(), text)
+        if name in BOOLEAN_PARAMETERS:
+            value = bool_text(text)
         elif name in _INT_RANGES:
             from vm.properties import parse_size
 

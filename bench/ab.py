@@ -7,6 +7,7 @@ pair, and prints every sample and the medians::
 
     python bench/ab.py --ram 2G --channels 4 --repeat 6 \\
         'on={}' 'off={"x-verify-ram": false}'
+    python bench/ab.py --ram 2G --workload dirty-rate=100M 'a={}' 'b={...}'
     python bench/ab.py --devices 4 --state 512M --channels 8 \\
         'auto={}' '1M={"x-socket-buffer-size": 1048576}'
 
@@ -52,6 +53,8 @@ async def run(args: argparse.Namespace) -> int:
     if args.ram:
         devices: list[str] = []
         src_args = ["--memory", f"{args.ram},fill=random"]
+        if args.workload:
+            src_args += ["--workload", args.workload]
         dst_args = ["--memory", args.ram]
         metric = "ram-GBps"
     else:
@@ -81,6 +84,9 @@ async def run(args: argparse.Namespace) -> int:
                   f"{sample.get('metrics', {}).get('downtime-ms', '-')} ms"
                   f"{'' if ok else '  FAILED: ' + str(sample.get('error') or 'not verified')}",
                   flush=True)
+            if args.breakdown and ok:
+                print("    " + ", ".join(f"{phase} {ms:g}" for phase, ms in
+                                         sample["metrics"].get("breakdown-ms", [])), flush=True)
     print(f"{metric}, median (min-max) of the good samples, {args.repeat} alternating runs "
           "each:")
     for name, values in samples.items():
@@ -98,8 +104,12 @@ def main() -> None:
     what = ap.add_mutually_exclusive_group()
     what.add_argument("--ram", metavar="SIZE", help="guest RAM of random content, no devices")
     what.add_argument("--devices", type=int, default=4, help="vfio-sim devices (default 4)")
+    ap.add_argument("--workload", metavar="SPEC",
+                    help="with --ram: a guest dirtying its RAM, e.g. dirty-rate=200M")
     ap.add_argument("--state", default="512M", help="state size of each device (default 512M)")
     ap.add_argument("--channels", type=int, default=4, help="multifd channels; 0 = main only")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also print each sample's downtime by checkpoint (ms)")
     ap.add_argument("--repeat", type=int, default=5, help="samples per variant (default 5)")
     args = ap.parse_args()
     names = [name for name, _ in args.variants]

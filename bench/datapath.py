@@ -7,10 +7,18 @@ multifd packet), receiving into preallocated buffers, and reports GB/s for:
 * ``loop``    — each process runs one uvloop event loop; non-blocking sockets,
                 ``sendmsg`` / ``sock_recv_into`` (today's daemons);
 * ``threads`` — each process runs one thread per stream with blocking
-                ``sendmsg`` / ``recv_into`` (both release the GIL during the copy).
+                ``sendmsg`` / ``recv_into`` (both release the GIL during the copy);
+* ``procs``   — as ``threads``, but a process of its own per stream on each side
+                (no GIL shared between streams; ``--spread`` memory is shared).
+
+``--work US`` adds US microseconds of Python per packet on each side, holding the
+GIL (a migration decodes, checks and places every packet): how much of the threads'
+speed survives it, and what processes would win back.
 
 Run:  python bench/datapath.py --streams 1 2 4 8 --size 2G
       python bench/datapath.py --modes threads --spread 2G --streams 1 4   # distinct memory
+      python bench/datapath.py --modes threads procs --spread 2G --packet 512K \
+          --streams 4 16 --work 20
 """
 
 from __future__ import annotations
@@ -36,13 +44,25 @@ def _shares(total: int, streams: int, packet: int) -> list[int]:
     return [packets // streams + (1 if i < packets % streams else 0) for i in range(streams)]
 
 
-# -- blocking, one thread per stream -----------------------------------------------------
+WORK = 0.0  # --work: seconds of Python per packet on each side
+
+
+def _python_work() -> None:
+    """Hold the GIL for WORK seconds, running bytecode, as per-packet code does."""
+    if WORK:
+        end = time.perf_counter() + WORK
+        while time.perf_counter() < end:
+            pass
+
+
+# -- blocking, one thread (or process) per stream ------------------------------------------
 def _send_blocking(sock: socket.socket, packets: int, payload: memoryview,
                    region: memoryview | None = None, start: int = 0) -> None:
     hdr = HEADER.pack(0x11223344, 1, 0x40)
     size = len(payload)
     pos = start
     for _ in range(packets):
+        _python_work()
         if region is not None:  # --spread: every packet from the next place
             if pos + size > len(region):
                 pos = 0
@@ -61,6 +81,13 @@ def _send_blocking(sock: socket.socket, packets: int, payload: memoryview,
     sock.shutdown(socket.SHUT_WR)
 
 
+def _send_process(sock: socket.socket, packets: int, payload: memoryview,
+                  region: memoryview | None, start: int) -> None:
+    if region is not None:
+        _touch(region, 0, len(region))  # (a forked child faults its pages in again)
+    _send_blocking(sock, packets, payload, region, start)
+
+
 def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
     got = 0
     while got < len(view):
@@ -75,19 +102,48 @@ SPREAD: memoryview | None = None  # --spread: receive into one big region, like 
 _spread_pos = [0]
 
 
-def _recv_blocking(sock: socket.socket, packet: int, counter: list[int]) -> None:
+def _recv_blocking(sock: socket.socket, packet: int, counter: list[int],
+                   start: int | None = None) -> None:
+    """Receive packets until EOF; ``start``: this stream's own place in SPREAD (a
+    process per stream), else the streams share one running position."""
     hdr = memoryview(bytearray(HEADER.size))
     buf = memoryview(bytearray(packet))
     total = 0
+    own = start
     while _recv_exact(sock, hdr):
         HEADER.unpack(hdr)
+        _python_work()
         if SPREAD is not None:
-            pos = _spread_pos[0]
-            _spread_pos[0] = (pos + packet) % (len(SPREAD) - packet + 1)
+            if own is None:
+                pos = _spread_pos[0]
+                _spread_pos[0] = (pos + packet) % (len(SPREAD) - packet + 1)
+            else:
+                pos = own
+                own = (own + packet) % (len(SPREAD) - packet + 1)
             buf = SPREAD[pos:pos + packet]
         _recv_exact(sock, buf)
         total += packet
     counter.append(total)
+
+
+def _touch(region: memoryview | None, start: int, size: int) -> None:
+    """Map a forked child's share of a shared region before its clock starts (a
+    long-lived worker process would have done it once, long before)."""
+    if region is not None:
+        sum(region[start:start + size:4096])
+
+
+def _recv_process(sock: socket.socket, packet: int, start: int, part: int,
+                  done: mp.Queue) -> None:
+    _touch(SPREAD, start, part)
+    hdr = memoryview(bytearray(HEADER.size))
+    _recv_exact(sock, hdr)  # the first packet starts this stream's clock
+    first = time.perf_counter()
+    buf = SPREAD[start:start + packet] if SPREAD is not None else memoryview(bytearray(packet))
+    _recv_exact(sock, buf)
+    counter: list[int] = []
+    _recv_blocking(sock, packet, counter, start + packet if SPREAD is not None else None)
+    done.put((counter[0] + packet, first, time.perf_counter()))
 
 
 # -- one uvloop event loop ---------------------------------------------------------------
@@ -130,6 +186,7 @@ async def _recv_loop(socks: list[socket.socket], packet: int) -> int:
 
 # -- processes ---------------------------------------------------------------------------
 SPREAD_SIZE = 0
+SHARED_MEMORY = False
 BUFSIZE = 0  # SO_SNDBUF / SO_RCVBUF of every stream; 0 = the kernel's autotuning
 
 
@@ -143,7 +200,12 @@ def _receiver(mode: str, port_q: mp.Queue, result_q: mp.Queue, streams: int,
     global SPREAD
     if SPREAD_SIZE:
         import mmap
-        region = mmap.mmap(-1, SPREAD_SIZE)
+        # shared, so that a process per stream receives into the same memory (without
+        # transparent huge pages unless shmem_enabled allows them: --shared-memory
+        # gives threads the same kind of memory)
+        shared = mode == "procs" or SHARED_MEMORY
+        region = mmap.mmap(-1, SPREAD_SIZE,
+                           flags=mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE)
         region.madvise(mmap.MADV_HUGEPAGE)
         memoryview(region)[:] = bytes(SPREAD_SIZE)  # pre-faulted, like the daemons' RAM
         SPREAD = memoryview(region)
@@ -163,6 +225,20 @@ def _receiver(mode: str, port_q: mp.Queue, result_q: mp.Queue, streams: int,
         for t in threads:
             t.join()
         total = sum(counter)
+    elif mode == "procs":
+        ctx = mp.get_context("fork")
+        done: mp.Queue = ctx.Queue()
+        part = (SPREAD_SIZE // streams) // packet * packet
+        procs = [ctx.Process(target=_recv_process, args=(s, packet, i * part, part, done))
+                 for i, s in enumerate(socks)]
+        for p in procs:
+            p.start()
+        results = [done.get(timeout=300) for _ in procs]
+        for p in procs:
+            p.join()
+        total = sum(r[0] for r in results)
+        result_q.put((total, max(r[2] for r in results) - min(r[1] for r in results)))
+        return
     else:
         import uvloop
 
@@ -186,15 +262,17 @@ def _sender(mode: str, port: int, streams: int, size: int, packet: int) -> None:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _size_buffers(s, socket.SO_SNDBUF)
     shares = _shares(size, streams, packet)
-    if mode == "threads":
+    if mode in ("threads", "procs"):
         part = (SPREAD_SIZE // max(1, streams)) // packet * packet
-        threads = [threading.Thread(target=_send_blocking,
-                                    args=(s, n, payload, region, i * part))
+        runner = (threading.Thread if mode == "threads"
+                  else mp.get_context("fork").Process)
+        target = _send_blocking if mode == "threads" else _send_process
+        workers = [runner(target=target, args=(s, n, payload, region, i * part))
                    for i, (s, n) in enumerate(zip(socks, shares, strict=True))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
     else:
         import uvloop
 
@@ -227,12 +305,19 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["loop", "threads"])
     parser.add_argument("--bufsize", default="0",
                         help="SO_SNDBUF/SO_RCVBUF of every stream (0: kernel autotuning)")
+    parser.add_argument("--work", type=float, default=0.0, metavar="US",
+                        help="threads and procs modes: microseconds of Python (holding "
+                             "the GIL) per packet on each side")
+    parser.add_argument("--shared-memory", action="store_true",
+                        help="threads mode: receive --spread into shared memory, as procs do")
     parser.add_argument("--spread", default="0",
-                        help="threads mode: send from and receive into this much pre-faulted "
+                        help="threads and procs modes: send from and receive into this much pre-faulted "
                              "memory, each packet at the next place (like guest RAM or "
                              "device state), not one buffer that stays in the caches")
     args = parser.parse_args()
-    global BUFSIZE, SPREAD_SIZE
+    global BUFSIZE, SPREAD_SIZE, WORK, SHARED_MEMORY
+    WORK = args.work / 1e6
+    SHARED_MEMORY = args.shared_memory
     BUFSIZE = parse_size(args.bufsize)
     SPREAD_SIZE = parse_size(args.spread)
     size, packet = parse_size(args.size), parse_size(args.packet)

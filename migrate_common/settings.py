@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.errors import ConfigError
-from vm.properties import OnOffAuto
+from vm.properties import BOOL_WORDS, OnOffAuto
 
 __all__ = ["MigrationSettings", "BOOLEAN_PARAMETERS", "bool_text", "compression_level", "effective_multifd_transfer", "effective_load_config_after_iter", "CAPABILITIES", "SUPPORTED_CAPABILITIES", "PARAMETER_DEFAULTS"]
 
@@ -47,13 +47,12 @@ PARAMETER_DEFAULTS: dict[str, Any] = {
 
 #: parameters that are booleans (QMP true/false; on/off and the like as text)
 BOOLEAN_PARAMETERS = frozenset({"x-verify-ram"})
-_BOOL_TEXT = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
 def bool_text(text: str) -> bool | str:
     """``on``/``off``, ``true``/``false``, ``yes``/``no`` as a bool; other text as it
     is (for the parameter's own check to refuse)."""
-    return _BOOL_TEXT.get(text.strip().lower(), text)
+    return BOOL_WORDS.get(text.strip().lower(), text)
 
 _INT_RANGES = {
     "multifd-channels": (1, 255),

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from migrate_common.net import wait_readable, wait_writable
 from protocol.errors import ChannelError, ConfigError
+from vm.properties import BOOL_WORDS
 
 __all__ = ["TlsCreds", "parse_tls_object", "client_context", "server_context", "handshake"]
 
@@ -60,13 +61,13 @@ def parse_tls_object(text: str) -> TlsCreds:
     if "id" not in props or "dir" not in props:
         raise ConfigError("--object tls-creds-x509 needs id=... and dir=...")
     verify = props.get("verify-peer", "on")
-    if verify not in ("on", "off", "yes", "no", "true", "false"):
+    if verify not in BOOL_WORDS:
         raise ConfigError(f"--object tls-creds-x509: verify-peer must be on or off, "
                           f"got {verify!r}")
     directory = Path(props["dir"])
     if not directory.is_dir():
         raise ConfigError(f"tls-creds {props['id']}: {directory} is not a directory")
-    return TlsCreds(props["id"], directory, verify in ("on", "yes", "true"))
+    return TlsCreds(props["id"], directory, BOOL_WORDS[verify])
 
 
 def _base(purpose: ssl.Purpose) -> ssl.SSLContext:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from protocol.errors import ConfigError
 
 __all__ = [
+    "BOOL_WORDS",
     "KiB",
     "MiB",
     "GiB",
@@ -233,13 +234,17 @@ class OnOffAuto(str, Enum):
         return parse_on_off_auto(value)
 
 
+#: the words every on/off option takes (lower case), for the one meaning each has
+BOOL_WORDS: Final[dict[str, bool]] = {
+    "on": True,
+    "true": True,
+    "yes": True,
+    "off": False,
+    "false": False,
+    "no": False,
+}
 _ON_OFF_AUTO_WORDS: Final[dict[str, OnOffAuto]] = {
-    "on": OnOffAuto.ON,
-    "true": OnOffAuto.ON,
-    "yes": OnOffAuto.ON,
-    "off": OnOffAuto.OFF,
-    "false": OnOffAuto.OFF,
-    "no": OnOffAuto.OFF,
+    **{word: OnOffAuto.ON if on else OnOffAuto.OFF for word, on in BOOL_WORDS.items()},
     "auto": OnOffAuto.AUTO,
 }
 

@@ -52,7 +52,7 @@ from typing import Final, Literal
 import xxhash
 
 from protocol.errors import ConfigError, DeviceError, StateError
-from vm.properties import GiB, MiB, format_size, parse_size
+from vm.properties import BOOL_WORDS, GiB, MiB, format_size, parse_size
 from vm.memory import allocate_anonymous, prefault
 from vm.vfio_sim import Role
 
@@ -90,15 +90,6 @@ BACKEND_KINDS: Final = ("anonymous", "file")
 _MAX_NAME_BYTES: Final = 255
 _UINT64_MAX: Final = (1 << 64) - 1
 _TILE_SIZE: Final = 1 * MiB
-# Linux 5.14+: populate (pre-fault) a range writable in one syscall.
-_BOOL_WORDS: Final[dict[str, bool]] = {
-    "on": True,
-    "yes": True,
-    "true": True,
-    "off": False,
-    "no": False,
-    "false": False,
-}
 
 
 def page_runs(offsets: Sequence[int], page_size: int) -> list[tuple[int, int, int, int]]:
@@ -452,7 +443,7 @@ def parse_memory_backend(text: str) -> BackendConfig:
             )
         if share is not None:
             raise ConfigError(f"invalid memory backend {text!r}: duplicate option 'share'")
-        word = _BOOL_WORDS.get(value.lower())
+        word = BOOL_WORDS.get(value.lower())
         if word is None:
             raise ConfigError(f"invalid memory backend {text!r}: share={value!r}, expected on|off")
         share = word

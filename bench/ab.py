@@ -12,7 +12,9 @@ pair, and prints every sample and the medians::
         'auto={}' '1M={"x-socket-buffer-size": 1048576}'
 
 Each variant is ``NAME=JSON``: the ``migrate-set-parameters`` arguments set on both
-daemons (on top of the harness's ``multifd-channels`` and ``max-bandwidth=0``).
+daemons (on top of the harness's ``multifd-channels`` and ``max-bandwidth=0``); a
+``"channels"`` key instead overrides ``--channels`` for that variant (0 = main channel
+only), e.g. ``'main={"channels": 0}' 'one={"channels": 1}'``.
 Samples whose digests do not match count as failures and are left out of the median.
 """
 
@@ -65,11 +67,13 @@ async def run(args: argparse.Namespace) -> int:
     failed = 0
     for rep in range(args.repeat):
         for name, params in variants:
+            params = dict(params)
+            channels = int(params.pop("channels", args.channels))
             try:
                 async with daemon_pair(devices, src_args=src_args,
                                        dst_args=dst_args) as (src, dst):
-                    sample = await migrate(src, dst, multifd=args.channels > 0,
-                                           channels=max(args.channels, 1), timeout=600,
+                    sample = await migrate(src, dst, multifd=channels > 0,
+                                           channels=max(channels, 1), timeout=600,
                                            parameters=params)
             except (RuntimeError, TimeoutError, OSError, QmpCommandError) as exc:
                 sample = {"verified": False, "error": f"{type(exc).__name__}: {exc}"}

@@ -9,9 +9,11 @@ handler                  role
                          SETUP, pre-copy DATA, INIT_DATA_SENT, CONFIG (non-multifd),
                          CONFIG_LOAD_READY (interlock), EOS
 ``switchover_start``     multifd mode: start the load task
-``load_state_buffer``    a device-state packet from any multifd channel → reassembly
-load task                writes buffers strictly by idx into the device, then the
-                         config (after CONFIG_LOAD_READY when the interlock is on)
+``load_state_buffer``    a device-state packet from any multifd channel → reassembly;
+                         the receive thread loads it itself when it is next in order
+load thread, load task   write the other buffers strictly by idx into the device,
+                         then the config (after CONFIG_LOAD_READY when the interlock
+                         is on)
 ``load_cleanup``         stop the load task, free queued buffers
 =======================  ===========================================================
 """
@@ -172,14 +174,38 @@ class VfioLoadHandler:
         """A device-state packet for this device arrived in a buffer on some multifd
         channel (receive thread)."""
         header, data = decode_state_packet(payload)
-        self._reassembly().put(header.idx, header.is_config, len(data), data, release)
+        self._put(header, len(data), data, release)
 
     def load_state_placed(self, prefix: memoryview, payload_size: int) -> None:
         """A device-state packet whose data went where :meth:`claim` said (receive
         thread); ``prefix`` is its VFIO header."""
         header = VfioStatePacketHeader.decode(prefix)
         size = self._data_size(header, payload_size - len(prefix))
-        self._reassembly().put(header.idx, header.is_config, size, None)
+        self._put(header, size, None)
+
+    def _put(self, header: VfioStatePacketHeader, size: int, data: memoryview | None,
+             release: Callable[[], None] | None = None) -> None:
+        """Hand a packet to the reassembly (receive thread), and load it here and now
+        when it is the next one and no thread is loading: measured, that beats waking
+        the load thread for it (docs/performance.md, session 7).  A device that paces
+        its writes (``write-bandwidth``) is always loaded by its load thread, which
+        may sleep."""
+        reassembly = self._reassembly()
+        buf = reassembly.put(header.idx, header.is_config, size, data, release,
+                             take=self.device.config.write_bandwidth == 0)
+        if buf is not None:
+            try:
+                self._load(buf)
+            finally:
+                reassembly.done_with(buf)
+
+    def _load(self, buf: QueuedBuffer) -> float:
+        """Write one data buffer into the device (by whichever thread loads it); the
+        seconds the device's write pacing asks to wait."""
+        offset = self.device.write_offset if buf.offset is None else buf.offset
+        delay = self.device.commit(offset, buf.size, buf.data)
+        self.bytes_loaded += buf.size
+        return delay
 
     def _reassembly(self) -> Reassembly:
         if self.reassembly is None:
@@ -231,7 +257,7 @@ class VfioLoadHandler:
         """The load thread: from SWITCHOVER_START on, write the data buffers strictly by
         idx into the device, then hand the config buffer to the load task."""
         assert self.reassembly is not None
-        reassembly, device = self.reassembly, self.device
+        reassembly = self.reassembly
         outcome: QueuedBuffer | BaseException | None = None
         try:
             while True:
@@ -242,9 +268,7 @@ class VfioLoadHandler:
                     outcome = buf
                     return
                 try:
-                    offset = device.write_offset if buf.offset is None else buf.offset
-                    delay = device.commit(offset, buf.size, buf.data)
-                    self.bytes_loaded += buf.size
+                    delay = self._load(buf)
                 finally:
                     reassembly.done_with(buf)
                 if delay > 0 and not reassembly.pause(delay):

@@ -343,3 +343,96 @@ def test_the_config_packet_does_not_count_against_the_capacity():
     assert r.queued_count == 3
     r.start(base=0)
     assert drain(r) == [0, 1, 2]
+
+
+# -- loading on arrival (put(take=True)) ---------------------------------------------------
+def take(r: Reassembly, released: list[int], idx: int, size: int = 10, config: bool = False):
+    return r.put(idx, config, size, memoryview(bytes([idx % 256]) * size),
+                 lambda: released.append(idx), take=True)
+
+
+def drain_data(r: Reassembly) -> list[int]:
+    """Load one data packet as the load thread does."""
+    buf = r.get()
+    assert buf is not None
+    r.done_with(buf)
+    return [buf.idx]
+
+
+def test_the_next_packet_is_handed_back_to_its_receiver_and_nobody_else_loads_meanwhile():
+    r, released = make()
+    first = take(r, released, 0)
+    assert first is not None and first.idx == 0 and r.next_idx == 1
+    assert take(r, released, 1) is None      # idx 0 is still being loaded: queue it
+    got: list[object] = []
+    loader = threading.Thread(target=lambda: got.append(r.get()))
+    loader.start()
+    loader.join(0.05)
+    assert loader.is_alive() and not got     # the load thread waits for idx 0's loader
+    r.done_with(first)                       # ... whose end wakes it for idx 1
+    loader.join(5)
+    assert [b.idx for b in got] == [1] and released == [0]
+
+
+def test_packets_ahead_of_their_turn_and_the_config_go_to_the_load_thread():
+    r, released = make()
+    assert take(r, released, 1) is None                # ahead of idx 0
+    assert take(r, released, 2, config=True) is None   # the config: always the thread's
+    zero = take(r, released, 0)
+    assert zero is not None and zero.idx == 0
+    r.done_with(zero)
+    assert drain(r) == [1, 2]
+    assert sorted(released) == [0, 1, 2] and r.queued_bytes == 0
+
+
+def test_nothing_is_handed_back_before_switchover_start():
+    r, released = make(started=False)
+    assert take(r, released, 0) is None      # the image's base is not known yet
+    r.start(base=0)
+    assert drain_data(r) == [0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 30), seed=st.integers(0, 2**32 - 1))
+def test_receivers_and_load_thread_together_load_every_packet_once_in_order(n, seed):
+    """Receive threads loading on arrival and the load thread, racing: one loader at
+    a time, every packet exactly once, strictly by idx."""
+    r, released = make()
+    order = list(range(n + 1))
+    random.Random(seed).shuffle(order)
+    loaded: list[int] = []
+    loading = threading.Lock()
+
+    def load(buf) -> None:
+        assert loading.acquire(blocking=False), "two threads loading at once"
+        loaded.append(buf.idx)
+        time.sleep(0.0005)
+        loading.release()
+        r.done_with(buf)
+
+    def load_thread() -> None:
+        while (buf := r.get()) is not None:
+            if buf.is_config:
+                r.done_with(buf)
+                return
+            load(buf)
+
+    loader = threading.Thread(target=load_thread)
+    loader.start()
+    halves = [order[0::2], order[1::2]]
+
+    def receiver(idxs: list[int]) -> None:
+        for idx in idxs:
+            buf = take(r, released, idx, config=(idx == n))
+            if buf is not None:
+                load(buf)
+
+    receivers = [threading.Thread(target=receiver, args=(h,)) for h in halves]
+    for t in receivers:
+        t.start()
+    for t in receivers:
+        t.join(10)
+    loader.join(10)
+    assert not loader.is_alive()
+    assert loaded == list(range(n))
+    assert sorted(released) == list(range(n + 1)) and r.queued_bytes == 0

@@ -59,3 +59,52 @@ def test_run_batch_is_sent_as_the_same_bytes(guest: GuestRam, detect_zero: bool,
     zero = 1 if detect_zero and zero_at is not None else 0
     assert (packet.normal_pages, packet.zero_pages) == (128 - zero, zero)
     assert packet.normal_run is (zero == 0 or zero_at in (0, 127))
+
+
+async def test_channel_threads_wake_the_loop_once_for_several_jobs(monkeypatch) -> None:
+    """Finished jobs are collected in batches (WAKE_BELOW), every byte still arrives in
+    order, drain() and a SYNC still return."""
+    import asyncio
+    import socket
+    import threading
+
+    import structlog
+
+    from migrate_common.funnel import Funnel
+    from migrate_src import channels
+
+    collects = 0
+    original = channels.MultifdSender._collect
+
+    def counting(self: channels.MultifdSender) -> None:
+        nonlocal collects
+        collects += 1
+        original(self)
+
+    monkeypatch.setattr(channels.MultifdSender, "_collect", counting)
+    ours, peer = socket.socketpair()
+    received = bytearray()
+
+    def reader() -> None:
+        while chunk := peer.recv(1 << 20):
+            received.extend(chunk)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    funnel = Funnel()
+    sender = channels.MultifdSender([ours], bytes(16), funnel, structlog.get_logger())
+    sender.start()
+    jobs = 200
+    payloads = [bytes([i]) * 65536 for i in range(jobs)]
+    for i, payload in enumerate(payloads):
+        await sender.submit((i.to_bytes(4, "big"), payload))
+    await asyncio.wait_for(sender.drain(), 10)
+    assert sender.bytes_sent == jobs * (4 + 65536)
+    assert collects < jobs / 2          # one wake-up per job would be 200
+    await asyncio.wait_for(sender.sync(), 10)  # urgent: not left waiting for more jobs
+    sender.close()
+    t.join(5)
+    peer.close()
+    expect = b"".join(i.to_bytes(4, "big") + p for i, p in enumerate(payloads))
+    assert bytes(received[:len(expect)]) == expect
+    assert funnel.error is None

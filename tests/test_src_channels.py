@@ -1,13 +1,20 @@
-"""migrate_src.channels: what a RAM job puts on the wire, whichever way it is built."""
+"""migrate_src.channels: what a RAM job puts on the wire, whichever way it is built, and
+how the channel threads hand finished jobs back to the loop."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import socket
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
+import structlog
 
+from migrate_common.funnel import Funnel
+from migrate_src import channels
 from migrate_src.channels import RamJob
 from protocol.multifd import RamPacket, ram_page_count
 from vm.ram import GuestRam, parse_memory_option
@@ -64,15 +71,6 @@ def test_run_batch_is_sent_as_the_same_bytes(guest: GuestRam, detect_zero: bool,
 async def test_channel_threads_wake_the_loop_once_for_several_jobs(monkeypatch) -> None:
     """Finished jobs are collected in batches (WAKE_BELOW), every byte still arrives in
     order, drain() and a SYNC still return."""
-    import asyncio
-    import socket
-    import threading
-
-    import structlog
-
-    from migrate_common.funnel import Funnel
-    from migrate_src import channels
-
     collects = 0
     original = channels.MultifdSender._collect
 

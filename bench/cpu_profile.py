@@ -14,6 +14,12 @@ tell this apart (it counts a thread blocked in ``recv_into`` as running).
 
 The daemons' digests are compared afterwards (``x-query-state-digest``), outside the
 recorded window; the digests the migration itself checks are inside it.
+
+It also counts each daemon's context switches during the migration (from
+``/proc/PID/task/*/status``, read every 10 ms, since the channel threads end with
+it): a voluntary one is a thread that went to sleep — on a socket, the GIL, a
+lock or an eventfd — and had to be woken again, which in a VM is often an
+interrupt between CPUs.
 """
 
 from __future__ import annotations
@@ -67,6 +73,53 @@ def perf_samples(data: Path) -> list[tuple[int, int, str, str, str]]:
 _SHORT_DSO = {"[kernel.kallsyms]": "kernel", "libpython3.11.so.1.0": "python"}
 
 
+class SwitchCounter:
+    """Context switches of every thread of some processes while :meth:`watch` runs."""
+
+    def __init__(self, pids: dict[int, str]) -> None:
+        self.pids = pids
+        self._first: dict[tuple[int, str], tuple[int, int]] = {}
+        self._last: dict[tuple[int, str], tuple[int, int]] = {}
+
+    def _read(self) -> dict[tuple[int, str], tuple[int, int]]:
+        now = {}
+        for pid in self.pids:
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except FileNotFoundError:
+                continue
+            for tid in tids:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/status") as f:
+                        fields = dict(line.split(":", 1) for line in f if ":" in line)
+                    now[(pid, tid)] = (int(fields["voluntary_ctxt_switches"]),
+                                       int(fields["nonvoluntary_ctxt_switches"]))
+                except (FileNotFoundError, KeyError, ValueError):
+                    continue  # the thread ended meanwhile
+        return now
+
+    def start(self) -> None:
+        self._first = self._read()
+
+    async def watch(self, interval: float = 0.01) -> None:
+        """Until cancelled: keep the latest counts of every thread, including the
+        ones that end before the migration does."""
+        while True:
+            self._last.update(self._read())
+            await asyncio.sleep(interval)
+
+    def totals(self) -> dict[str, tuple[int, int, int]]:
+        """Per daemon: (voluntary, involuntary, threads that switched)."""
+        out: dict[str, list[int]] = {name: [0, 0, 0] for name in self.pids.values()}
+        for key, (vol, invol) in self._last.items():
+            vol0, invol0 = self._first.get(key, (0, 0))
+            row = out[self.pids[key[0]]]
+            row[0] += vol - vol0
+            row[1] += invol - invol0
+            row[2] += (vol - vol0 + invol - invol0) > 0
+        return {name: (v, i, t) for name, (v, i, t) in out.items()}
+
+
 def summarise(samples: list[tuple[int, int, str, str, str]], freq: int,
               names: dict[int, str], *,
               by_symbol: bool = False) -> dict[str, collections.Counter[str]]:
@@ -97,9 +150,15 @@ async def run(kind: str, channels: int, freq: int, symbols: int = 0,
                                      "--", "sleep", "600"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await asyncio.sleep(0.5)
+            switches = SwitchCounter({src.pid: "source", dst.pid: "destination"})
+            switches.start()
+            watcher = asyncio.create_task(switches.watch())
             t0 = time.monotonic()
-            sample = await migrate(src, dst, multifd=channels > 0, channels=max(channels, 1),
-                                   timeout=120, verify=False)
+            try:
+                sample = await migrate(src, dst, multifd=channels > 0,
+                                       channels=max(channels, 1), timeout=120, verify=False)
+            finally:
+                watcher.cancel()
             wall = time.monotonic() - t0
             perf.send_signal(signal.SIGINT)
             perf.wait()
@@ -122,6 +181,10 @@ async def run(kind: str, channels: int, freq: int, symbols: int = 0,
             total = sum(row.values())
             top = ", ".join(f"{dso} {sec:.2f}" for dso, sec in row.most_common(5))
             print(f"  {who:<12} {total:5.2f} CPU s: {top}")
+        packets = 2048 if kind == "devices" else 4096  # 1 MiB / 512 KiB packets in 2 GiB
+        for who, (vol, invol, threads) in switches.totals().items():
+            print(f"  {who:<12} {vol} voluntary + {invol} involuntary context switches in "
+                  f"{threads} threads, {vol / packets:.1f} voluntary per packet")
         if symbols:
             by_symbol = summarise(samples, freq, names, by_symbol=True)
             for who in ("source", "destination"):

@@ -167,8 +167,16 @@ class RamSaveHandler:
     async def _send_pages_on_main(self, block: RamBlock, pages: Sequence[int]) -> None:
         size = self.page_size
         view = block.view
-        offsets = tuple(i * size for i in pages)
-        data = b"".join(view[o:o + size] for o in offsets)
+        data: bytes | memoryview
+        if type(pages) is range and pages.step == 1:
+            # consecutive pages (every batch of the first round): their offsets in one
+            # C-level step, and the pages as one view of guest memory, not joined
+            start, stop = pages.start * size, pages.stop * size
+            offsets = tuple(range(start, stop, size))
+            data = view[start:stop]
+        else:
+            offsets = tuple(i * size for i in pages)
+            data = b"".join(view[o:o + size] for o in offsets)
         await self.main.send(RamPages(block.name, offsets, len(data)), data)
         self.normal_pages += len(pages)
 

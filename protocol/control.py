@@ -633,7 +633,11 @@ def _offsets(value: object, where: str) -> tuple[int, ...]:
         raise LimitExceededError(
             f"{where}: {len(value)} offsets, expected 1..{MAX_RAM_OFFSETS}",
             limit=MAX_RAM_OFFSETS, value=len(value))
-    return tuple(_u64(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if set(map(type, value)) == {int} and min(value) >= 0 and max(value) <= _U64:
+        # the usual case, checked in C: a RAM record carries up to 128 offsets, and a
+        # Python call (and a field name) per offset cost more than the rest of it
+        return tuple(value)
+    return tuple(_u64(v, f"{where}[{i}]") for i, v in enumerate(value))  # names the bad one
 
 
 _u64 = _int_in(0, _U64, "an unsigned 64-bit integer")
@@ -720,6 +724,8 @@ def _to_wire(value: object) -> object:
     if isinstance(value, DeviceDescriptor):
         return {f.name: _to_wire(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, (tuple, list)):
+        if set(map(type, value)) <= {int, str}:
+            return value  # msgpack packs a tuple as an array; plain values as they are
         return [_to_wire(v) for v in value]
     if isinstance(value, dict):
         return {k: _to_wire(v) for k, v in value.items()}

@@ -252,6 +252,20 @@ def test_ram_record_errors(body: str, error: str) -> None:
         decode_message(h(body))
 
 
+@pytest.mark.parametrize(("offset", "where"), [
+    ("c3", "offsets\\[1\\]"),                   # true: a bool is no offset
+    ("ff", "offsets\\[1\\]"),                   # -1
+    ("a130", "offsets\\[1\\]"),                 # a string
+    ("cb3ff0000000000000", "offsets\\[1\\]"),   # a float
+])
+def test_a_bad_offset_among_good_ones_is_named(offset: str, where: str) -> None:
+    # ram-zero with offsets [0, <bad>, 0x2000]: the one at index 1 is named
+    body = ("83" + fs("t") + fs("ram-zero") + fs("block") + fs("pc.ram") + fs("offsets")
+            + "93" + "00" + offset + "cd2000")
+    with pytest.raises(MigrationError, match=where):
+        decode_message(h(body))
+
+
 def test_ram_pages_payload_received_in_place() -> None:
     dec = ControlDecoder(expect_preamble=False)
     data = encode_message(RamPages("pc.ram", (0,), 4096)) + bytes(range(256)) * 16

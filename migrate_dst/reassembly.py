@@ -26,7 +26,9 @@ the count cap (``x-migration-max-queued-buffers``), the byte cap
 placed packets count too), and the device's own capacity (no device takes more data
 than its pre-copy plus stop-copy size), which bounds memory even when both caps are
 unlimited; queued packets count as at least 4 KiB each there, so a flood of tiny ones
-cannot grow the bookkeeping either.  Per-packet bookkeeping lives in dicts, so a
+cannot grow the bookkeeping either.  Near a cap, a packet ahead of its turn first
+waits a little at its header for the load to make room (flow control, as for the
+places), and only then trips it.  Per-packet bookkeeping lives in dicts, so a
 hostile ``idx`` far ahead costs nothing (QEMU grows an array to ``idx + 1`` first and
 only then checks its cap).
 """
@@ -45,6 +47,11 @@ __all__ = ["Reassembly", "QueuedBuffer", "Target"]
 
 #: How long a packet may wait for the headers before it to learn its place.
 PLACE_WAIT = 0.05
+
+#: How long a packet ahead of its turn may wait for the load to make room under the
+#: caps before it is counted anyway (and then trips them): a load thread that the
+#: scheduler held back for a moment must not fail the migration.
+ROOM_WAIT = 0.05
 
 #: Queued packets count as at least this many bytes against the device's capacity
 #: (plus CHARGE_SLACK for a short last data packet and the config packet), so their
@@ -115,12 +122,19 @@ class Reassembly:
         self._guard = _Guard(self)
         # the load thread's wake-up: a Condition's notify would wake it holding the GIL
         self._arrived = ThreadSignal()
-        # claims waiting for their place (idx → the waiting thread's signal), and the
-        # signals to set once the lock is released
+        # claims waiting for their place (idx → the waiting thread's signal), claims
+        # waiting for the load to free room under a cap, and the signals to set once
+        # the lock is released
         self._place_waiters: dict[int, ThreadSignal] = {}
+        self._room_waiters: list[ThreadSignal] = []
         self._wakes: list[ThreadSignal] = []
         #: seconds a claim waits for its place before taking a buffer instead
         self.place_wait = PLACE_WAIT
+        #: seconds a claim waits for room under the caps before counting anyway
+        self.room_wait = ROOM_WAIT
+        # data packets claimed (their room reserved under the caps), not yet put
+        self._inflight: dict[int, int] = {}
+        self._inflight_bytes = 0
         self.next_idx = 0
         self.last_idx: int | None = None        # idx of the config packet, once seen
         self._claimed: dict[int, int | None] = {}   # idx → offset in the stream, if known
@@ -156,6 +170,8 @@ class Reassembly:
         with self._guard:
             self._check_closed()
             self._claim(idx, is_config, size)
+            if not is_config:
+                self._wait_for_room(idx, size)
             if not place or is_config or self._target is None:
                 return None
             deadline = time.monotonic() + self.place_wait
@@ -186,6 +202,43 @@ class Reassembly:
             if target is not None:
                 self._given.add(idx)
             return target
+
+    def _over_caps(self, idx: int, size: int) -> bool:
+        """(Lock held.)  Whether a packet of ``size`` bytes ahead of its turn would
+        leave no room under a cap for the packet the load waits for (assumed as big);
+        never for that packet itself."""
+        if idx == self.next_idx:
+            return False
+        if (self.max_bytes is not None
+                and self.queued_bytes + self._inflight_bytes + 2 * size > self.max_bytes):
+            return True
+        return (self.max_count is not None
+                and len(self._slots) + len(self._inflight) + 2 > self.max_count)
+
+    def _wait_for_room(self, idx: int, size: int) -> None:
+        """(Lock held.)  Flow control under the caps: a packet ahead of its turn that
+        would break a cap waits a little for the load to catch up — its channel stops
+        reading meanwhile and TCP holds its sender back — then reserves its room.
+        The waits cannot go round in a circle for a sender that queues packets in idx
+        order on FIFO channels (a claim waits for packets queued before it); for
+        others ``room_wait`` bounds them, and ``put`` then enforces the caps."""
+        deadline = time.monotonic() + self.room_wait
+        while self._over_caps(idx, size):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            signal = _thread_signal()
+            self._room_waiters.append(signal)
+            self._release_and_wake()
+            try:
+                signal.wait(remaining)
+            finally:
+                self._lock.acquire()
+                if signal in self._room_waiters:
+                    self._room_waiters.remove(signal)
+            self._check_closed()
+        self._inflight[idx] = size
+        self._inflight_bytes += size
 
     def _release_and_wake(self) -> None:
         """Release the lock, then wake the claims it made placeable (a thread woken
@@ -258,6 +311,7 @@ class Reassembly:
             self._check_closed()
             if idx not in self._claimed:
                 self._claim(idx, is_config, size)
+            self._inflight_bytes -= self._inflight.pop(idx, 0)
             if idx in self._slots or idx < self.next_idx:
                 raise SequenceError(f"device {dev}: device-state buffer idx {idx} received "
                                     "twice")
@@ -340,9 +394,12 @@ class Reassembly:
             self._given.discard(buf.idx)
             self._loading = False
             wake = self.next_idx in self._slots
+            room, self._room_waiters = self._room_waiters, []
         buf.release()
         if wake:
             self._arrived.set()
+        for signal in room:  # they check the caps again
+            signal.set()
 
     def pause(self, seconds: float) -> bool:
         """Sleep like a slow device, waking early when closed; False once closed."""
@@ -360,7 +417,11 @@ class Reassembly:
             self._slots.clear()
             self.queued_bytes = 0
             self._queued_charge = 0
+            self._inflight.clear()
+            self._inflight_bytes = 0
             self._wake_claims(every=True)
+            self._wakes.extend(self._room_waiters)
+            self._room_waiters = []
         self._arrived.set()
         for buf in slots:
             buf.release()

@@ -439,3 +439,69 @@ def test_receivers_and_load_thread_together_load_every_packet_once_in_order(n, s
     assert not loader.is_alive() and not overlaps
     assert loaded == list(range(n))
     assert sorted(released) == list(range(n + 1)) and r.queued_bytes == 0
+
+
+# -- flow control under the caps -------------------------------------------------------------
+def test_a_claim_ahead_waits_for_room_under_the_byte_cap_until_the_load_frees_it():
+    r, released = make(max_bytes=35)
+    r.room_wait = 10.0
+    r.claim(0, False, 10)
+    put(r, released, 0)                       # idx 0 received, not loaded yet
+    r.claim(1, False, 10)
+    put(r, released, 1)                       # 20 queued
+    got: list[object] = []
+    ahead = threading.Thread(target=lambda: got.append(r.claim(2, False, 10)))
+    ahead.start()
+    ahead.join(0.05)
+    assert ahead.is_alive() and not got       # 20 + 10 + room for one more > 35
+    assert load_one(r) == 0                   # the load frees 10 bytes ...
+    ahead.join(5)
+    assert got == [None]                      # ... and the claim goes on
+    put(r, released, 2)
+    assert r.queued_bytes == 20
+
+
+def test_the_packet_the_load_waits_for_never_waits_for_room():
+    r, released = make(max_bytes=20)
+    r.room_wait = 10.0
+    r.claim(1, False, 10)
+    put(r, released, 1)                       # ahead of its turn: 10 queued
+    start = time.monotonic()
+    r.claim(0, False, 10)                     # the next one: straight through
+    assert time.monotonic() - start < 1
+    put(r, released, 0)
+    assert r.queued_bytes == 20
+
+
+def test_after_the_room_wait_the_cap_trips_as_before():
+    r, released = make(max_count=2)
+    r.room_wait = 0.02
+    r.claim(1, False, 10)
+    put(r, released, 1)
+    r.claim(2, False, 10)                     # waited 20 ms in vain, counted anyway
+    put(r, released, 2)
+    r.claim(3, False, 10)
+    with pytest.raises(LimitExceededError, match="x-migration-max-queued-buffers=2"):
+        put(r, released, 3)
+
+
+def test_close_wakes_a_claim_waiting_for_room():
+    r, released = make(max_bytes=20)
+    r.room_wait = 10.0
+    r.claim(1, False, 10)
+    put(r, released, 1)
+    errors: list[BaseException] = []
+
+    def claim() -> None:
+        try:
+            r.claim(2, False, 10)
+        except SequenceError as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=claim)
+    waiter.start()
+    waiter.join(0.05)
+    assert waiter.is_alive()
+    r.close()
+    waiter.join(5)
+    assert not waiter.is_alive() and errors and "ended" in str(errors[0])

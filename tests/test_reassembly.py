@@ -259,22 +259,29 @@ def test_a_claim_gives_up_waiting_and_takes_a_buffer():
     assert r.unplaced_packets == 1 and image.given == []
 
 
-def test_close_wakes_a_waiting_claim():
-    r, _ = make(target=Image(100).target, place_wait=10.0, started=False)
+def assert_close_ends_a_waiting_claim(r: Reassembly, idx: int) -> None:
+    """A claim of ``idx`` waits (in another thread) until close() ends it with a
+    SequenceError."""
     errors: list[BaseException] = []
 
     def claim() -> None:
         try:
-            r.claim(2, False, 10)
+            r.claim(idx, False, 10)
         except SequenceError as exc:
             errors.append(exc)
+
     waiter = threading.Thread(target=claim)
     waiter.start()
     waiter.join(0.05)
     assert waiter.is_alive()
     r.close()
     waiter.join(5)
-    assert not waiter.is_alive() and len(errors) == 1
+    assert not waiter.is_alive() and len(errors) == 1 and "ended" in str(errors[0])
+
+
+def test_close_wakes_a_waiting_claim():
+    r, _ = make(target=Image(100).target, place_wait=10.0, started=False)
+    assert_close_ends_a_waiting_claim(r, 2)
 
 
 def test_pause_sleeps_through_arrivals():
@@ -442,13 +449,17 @@ def test_receivers_and_load_thread_together_load_every_packet_once_in_order(n, s
 
 
 # -- flow control under the caps -------------------------------------------------------------
+def receive(r: Reassembly, released: list[int], idx: int) -> None:
+    """A data packet of 10 bytes as a receive thread handles it: header, then data."""
+    r.claim(idx, False, 10)
+    put(r, released, idx)
+
+
 def test_a_claim_ahead_waits_for_room_under_the_byte_cap_until_the_load_frees_it():
     r, released = make(max_bytes=35)
     r.room_wait = 10.0
-    r.claim(0, False, 10)
-    put(r, released, 0)                       # idx 0 received, not loaded yet
-    r.claim(1, False, 10)
-    put(r, released, 1)                       # 20 queued
+    receive(r, released, 0)                   # idx 0 received, not loaded yet
+    receive(r, released, 1)                   # 20 queued
     got: list[object] = []
     ahead = threading.Thread(target=lambda: got.append(r.claim(2, False, 10)))
     ahead.start()
@@ -464,8 +475,7 @@ def test_a_claim_ahead_waits_for_room_under_the_byte_cap_until_the_load_frees_it
 def test_the_packet_the_load_waits_for_never_waits_for_room():
     r, released = make(max_bytes=20)
     r.room_wait = 10.0
-    r.claim(1, False, 10)
-    put(r, released, 1)                       # ahead of its turn: 10 queued
+    receive(r, released, 1)                   # ahead of its turn: 10 queued
     start = time.monotonic()
     r.claim(0, False, 10)                     # the next one: straight through
     assert time.monotonic() - start < 1
@@ -476,8 +486,7 @@ def test_the_packet_the_load_waits_for_never_waits_for_room():
 def test_after_the_room_wait_the_cap_trips_as_before():
     r, released = make(max_count=2)
     r.room_wait = 0.02
-    r.claim(1, False, 10)
-    put(r, released, 1)
+    receive(r, released, 1)
     r.claim(2, False, 10)                     # waited 20 ms in vain, counted anyway
     put(r, released, 2)
     r.claim(3, False, 10)
@@ -488,20 +497,5 @@ def test_after_the_room_wait_the_cap_trips_as_before():
 def test_close_wakes_a_claim_waiting_for_room():
     r, released = make(max_bytes=20)
     r.room_wait = 10.0
-    r.claim(1, False, 10)
-    put(r, released, 1)
-    errors: list[BaseException] = []
-
-    def claim() -> None:
-        try:
-            r.claim(2, False, 10)
-        except SequenceError as exc:
-            errors.append(exc)
-
-    waiter = threading.Thread(target=claim)
-    waiter.start()
-    waiter.join(0.05)
-    assert waiter.is_alive()
-    r.close()
-    waiter.join(5)
-    assert not waiter.is_alive() and errors and "ended" in str(errors[0])
+    receive(r, released, 1)
+    assert_close_ends_a_waiting_claim(r, 2)

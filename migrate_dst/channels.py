@@ -240,15 +240,12 @@ class ReceiveChannel:
         if event.in_place:
             handler.load_state_placed(event.payload, header.payload_size)
             return
-        # the payload is a view of the pooled buffer the decoder took from allocate()
+        # the payload is a view of the pooled buffer the decoder took from allocate();
+        # the handler owns it from here and gives it back exactly once, error or not
         buf = event.payload.obj
         assert isinstance(buf, bytearray)
         pool = self.pool
-        try:
-            handler.load_state_buffer(event.payload, lambda: pool.give(buf))
-        except BaseException:
-            pool.give(buf)
-            raise
+        handler.load_state_buffer(event.payload, lambda: pool.give(buf))
 
     def _trace_ram(self, event: RamPacketReceived) -> None:
         p = event.packet

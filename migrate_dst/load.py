@@ -172,8 +172,13 @@ class VfioLoadHandler:
 
     def load_state_buffer(self, payload: memoryview, release: Callable[[], None]) -> None:
         """A device-state packet for this device arrived in a buffer on some multifd
-        channel (receive thread)."""
-        header, data = decode_state_packet(payload)
+        channel (receive thread).  ``release`` gives the buffer back: it is called
+        exactly once, when the packet is loaded or when it is refused."""
+        try:
+            header, data = decode_state_packet(payload)
+        except BaseException:
+            release()
+            raise
         self._put(header, len(data), data, release)
 
     def load_state_placed(self, prefix: memoryview, payload_size: int) -> None:
@@ -190,10 +195,15 @@ class VfioLoadHandler:
         the load thread for it (docs/performance.md, session 7).  A device that paces
         its writes (``write-bandwidth``) is always loaded by its load thread, which
         may sleep."""
-        reassembly = self._reassembly()
-        buf = reassembly.put(header.idx, header.is_config, size, data, release,
-                             take=self.device.config.write_bandwidth == 0)
-        if buf is not None:
+        try:
+            reassembly = self._reassembly()
+            buf = reassembly.put(header.idx, header.is_config, size, data, release,
+                                 take=self.device.config.write_bandwidth == 0)
+        except BaseException:
+            if release is not None:  # refused: put() keeps nothing when it raises
+                release()
+            raise
+        if buf is not None:  # done_with() below gives the buffer back
             try:
                 self._load(buf)
             finally:

@@ -135,6 +135,7 @@ class Reassembly:
         # data packets claimed (their room reserved under the caps), not yet put
         self._inflight: dict[int, int] = {}
         self._inflight_bytes = 0
+        self._largest = 0                     # the largest data packet claimed so far
         self.next_idx = 0
         self.last_idx: int | None = None        # idx of the config packet, once seen
         self._claimed: dict[int, int | None] = {}   # idx → offset in the stream, if known
@@ -170,8 +171,7 @@ class Reassembly:
         with self._guard:
             self._check_closed()
             self._claim(idx, is_config, size)
-            if not is_config:
-                self._wait_for_room(idx, size)
+            self._wait_for_room(idx, size)  # the config too: it takes a slot and bytes
             if not place or is_config or self._target is None:
                 return None
             deadline = time.monotonic() + self.place_wait
@@ -205,13 +205,17 @@ class Reassembly:
 
     def _over_caps(self, idx: int, size: int) -> bool:
         """(Lock held.)  Whether a packet of ``size`` bytes ahead of its turn would
-        leave no room under a cap for the packet the load waits for (assumed as big);
-        never for that packet itself."""
+        leave too little room under a cap for the packets the load needs first; never
+        for the packet the load waits for itself.  The byte cap keeps room for two of
+        the largest data packets seen: the one the load waits for, and the one before
+        it, which counts until it is loaded.  (The count cap does not count a packet
+        being loaded: room for one.)"""
         if idx == self.next_idx:
             return False
-        if (self.max_bytes is not None
-                and self.queued_bytes + self._inflight_bytes + 2 * size > self.max_bytes):
-            return True
+        if self.max_bytes is not None:
+            room = 2 * max(self._largest, size)
+            if self.queued_bytes + self._inflight_bytes + size + room > self.max_bytes:
+                return True
         return (self.max_count is not None
                 and len(self._slots) + len(self._inflight) + 2 > self.max_count)
 
@@ -284,6 +288,7 @@ class Reassembly:
             self.last_idx = idx
         else:
             self.announced_data_bytes += size
+            self._largest = max(self._largest, size)
         self._claimed[idx] = None
         self._sizes[idx] = 0 if is_config else size
         # place every packet whose predecessors' sizes are now all known

@@ -456,7 +456,7 @@ def receive(r: Reassembly, released: list[int], idx: int) -> None:
 
 
 def test_a_claim_ahead_waits_for_room_under_the_byte_cap_until_the_load_frees_it():
-    r, released = make(max_bytes=35)
+    r, released = make(max_bytes=45)
     r.room_wait = 10.0
     receive(r, released, 0)                   # idx 0 received, not loaded yet
     receive(r, released, 1)                   # 20 queued
@@ -464,7 +464,7 @@ def test_a_claim_ahead_waits_for_room_under_the_byte_cap_until_the_load_frees_it
     ahead = threading.Thread(target=lambda: got.append(r.claim(2, False, 10)))
     ahead.start()
     ahead.join(0.05)
-    assert ahead.is_alive() and not got       # 20 + 10 + room for one more > 35
+    assert ahead.is_alive() and not got       # 20 + 10 + room for two more > 45
     assert load_one(r) == 0                   # the load frees 10 bytes ...
     ahead.join(5)
     assert got == [None]                      # ... and the claim goes on
@@ -473,7 +473,7 @@ def test_a_claim_ahead_waits_for_room_under_the_byte_cap_until_the_load_frees_it
 
 
 def test_the_packet_the_load_waits_for_never_waits_for_room():
-    r, released = make(max_bytes=20)
+    r, released = make(max_bytes=30)
     r.room_wait = 10.0
     receive(r, released, 1)                   # ahead of its turn: 10 queued
     start = time.monotonic()
@@ -481,6 +481,52 @@ def test_the_packet_the_load_waits_for_never_waits_for_room():
     assert time.monotonic() - start < 1
     put(r, released, 0)
     assert r.queued_bytes == 20
+    r.room_wait = 0.05
+    start = time.monotonic()
+    r.claim(2, False, 10)                     # ahead: 20 + 10 + room for two > 30
+    assert time.monotonic() - start >= 0.05
+
+
+def test_room_is_kept_for_the_packet_being_loaded_and_the_next_one():
+    """The packet a receive thread is loading still counts until done_with: packets
+    ahead of their turn leave room for it and for the one after it."""
+    r, released = make(max_bytes=40)
+    r.room_wait = 10.0
+    receive(r, released, 2)
+    receive(r, released, 3)                   # 20 queued: room for two more, no more
+    r.claim(0, False, 10)
+    loading = r.put(0, False, 10, memoryview(b"0" * 10),
+                    lambda: released.append(0), take=True)
+    assert loading is not None and loading.idx == 0 and r.queued_bytes == 30
+    receive(r, released, 1)                   # 40: exactly the cap, no error
+    r.done_with(loading)
+    assert drain_to(r, 3) == [1, 2, 3] and r.queued_bytes == 0
+
+
+def drain_to(r: Reassembly, last: int) -> list[int]:
+    """Load data packets as the load thread does, up to idx ``last``."""
+    order = []
+    while not order or order[-1] < last:
+        order.append(load_one(r))
+    return order
+
+
+def test_the_config_packet_waits_for_room_under_the_count_cap_too():
+    r, released = make(max_count=3)
+    r.room_wait = 10.0
+    receive(r, released, 1)
+    receive(r, released, 2)
+    got: list[object] = []
+    config = threading.Thread(target=lambda: got.append(r.claim(3, True, 10)))
+    config.start()
+    config.join(0.05)
+    assert config.is_alive()                  # 2 queued + itself + room for 0 > 3
+    receive(r, released, 0)                   # the next one never waits
+    assert load_one(r) == 0 and load_one(r) == 1
+    config.join(5)
+    assert got == [None]
+    put(r, released, 3, config=True)
+    assert drain(r) == [2, 3]
 
 
 def test_after_the_room_wait_the_cap_trips_as_before():
@@ -495,7 +541,7 @@ def test_after_the_room_wait_the_cap_trips_as_before():
 
 
 def test_close_wakes_a_claim_waiting_for_room():
-    r, released = make(max_bytes=20)
+    r, released = make(max_bytes=30)
     r.room_wait = 10.0
     receive(r, released, 1)
     assert_close_ends_a_waiting_claim(r, 2)

@@ -1,0 +1,76 @@
+"""migrate_dst.load: a device-state packet that arrived in a pooled buffer gives it back
+exactly once, whether it is queued, loaded on arrival, refused or fails to load."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import structlog
+
+from migrate_common.funnel import Funnel
+from migrate_dst.channels import BufferPool
+from migrate_dst.load import VfioLoadHandler
+from protocol.errors import SequenceError
+from protocol.vfio import VfioStatePacketHeader
+from vm.properties import KiB, DeviceConfig
+from vm.vfio_sim import VfioSimDevice
+
+
+async def handler_for(**config: Any) -> VfioLoadHandler:
+    device = VfioSimDevice(DeviceConfig(id="d", state_size=64 * KiB, **config),
+                           role="destination")
+    handler = VfioLoadHandler(device, multifd_transfer=True, load_config_after_iter=False,
+                              switchover_ack=False, funnel=Funnel(),
+                              log=structlog.get_logger(), on_ack=lambda: None)
+    await handler.load_setup()
+    assert handler.reassembly is not None
+    handler.reassembly.start(0)  # SWITCHOVER_START, without the load task
+    return handler
+
+
+def packet(pool: BufferPool, idx: int, size: int = 4096) -> bytearray:
+    buf = pool.take(12 + size)
+    buf[:12] = VfioStatePacketHeader(idx, 0).encode()
+    return buf
+
+
+def free(pool: BufferPool, buf: bytearray) -> int:
+    return sum(b is buf for b in pool._free.get(len(buf), []))
+
+
+async def test_a_packet_loaded_on_arrival_gives_its_buffer_back_once() -> None:
+    handler = await handler_for()
+    pool = BufferPool()
+    buf = packet(pool, 0)
+    handler.load_state_buffer(memoryview(buf), lambda: pool.give(buf))
+    assert handler.bytes_loaded == 4096 and free(pool, buf) == 1
+    handler.load_cleanup()
+
+
+async def test_a_refused_packet_gives_its_buffer_back_once() -> None:
+    handler = await handler_for()
+    pool = BufferPool()
+    first = packet(pool, 1)
+    handler.load_state_buffer(memoryview(first), lambda: pool.give(first))  # queued
+    dup = packet(pool, 1)
+    with pytest.raises(SequenceError, match="twice"):
+        handler.load_state_buffer(memoryview(dup), lambda: pool.give(dup))
+    assert free(pool, dup) == 1 and free(pool, first) == 0
+    handler.load_cleanup()
+
+
+async def test_a_packet_that_fails_to_load_gives_its_buffer_back_once(monkeypatch) -> None:
+    handler = await handler_for()
+    pool = BufferPool()
+
+    def broken(offset: int, size: int, data: object = None) -> float:
+        raise RuntimeError("device write failed")
+
+    monkeypatch.setattr(handler.device, "commit", broken)
+    buf = packet(pool, 0)
+    with pytest.raises(RuntimeError, match="device write failed"):
+        handler.load_state_buffer(memoryview(buf), lambda: pool.give(buf))
+    assert free(pool, buf) == 1          # not twice: two later takes would share it
+    assert pool.take(len(buf)) is not pool.take(len(buf))
+    handler.load_cleanup()

@@ -205,6 +205,8 @@ class VfioLoadHandler:
             raise
         if buf is not None:  # done_with() below gives the buffer back
             try:
+                # the delay is 0 here (unpaced device), unless write-bandwidth was set
+                # between the check above and this load: one packet then goes unpaced
                 self._load(buf)
             finally:
                 reassembly.done_with(buf)

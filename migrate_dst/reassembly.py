@@ -134,7 +134,6 @@ class Reassembly:
         self.room_wait = ROOM_WAIT
         # data packets claimed (their room reserved under the caps), not yet put
         self._inflight: dict[int, int] = {}
-        self._inflight_bytes = 0
         self._largest = 0                     # the largest data packet claimed so far
         self.next_idx = 0
         self.last_idx: int | None = None        # idx of the config packet, once seen
@@ -214,7 +213,8 @@ class Reassembly:
             return False
         if self.max_bytes is not None:
             room = 2 * max(self._largest, size)
-            if self.queued_bytes + self._inflight_bytes + size + room > self.max_bytes:
+            inflight = sum(self._inflight.values())  # at most one per channel
+            if self.queued_bytes + inflight + size + room > self.max_bytes:
                 return True
         return (self.max_count is not None
                 and len(self._slots) + len(self._inflight) + 2 > self.max_count)
@@ -242,7 +242,6 @@ class Reassembly:
                     self._room_waiters.remove(signal)
             self._check_closed()
         self._inflight[idx] = size
-        self._inflight_bytes += size
 
     def _release_and_wake(self) -> None:
         """Release the lock, then wake the claims it made placeable (a thread woken
@@ -316,7 +315,7 @@ class Reassembly:
             self._check_closed()
             if idx not in self._claimed:
                 self._claim(idx, is_config, size)
-            self._inflight_bytes -= self._inflight.pop(idx, 0)
+            self._inflight.pop(idx, None)
             if idx in self._slots or idx < self.next_idx:
                 raise SequenceError(f"device {dev}: device-state buffer idx {idx} received "
                                     "twice")
@@ -423,7 +422,6 @@ class Reassembly:
             self.queued_bytes = 0
             self._queued_charge = 0
             self._inflight.clear()
-            self._inflight_bytes = 0
             self._wake_claims(every=True)
             self._wakes.extend(self._room_waiters)
             self._room_waiters = []

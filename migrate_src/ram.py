@@ -22,7 +22,7 @@ from typing import Any
 
 from migrate_src.channels import JOB_PACKETS, MainChannel, MultifdSender, RamJob
 from protocol.control import RamEos, RamFlush, RamPages, RamSetup, RamZeroPages
-from vm.ram import GuestRam, Prehasher, RamBlock, run_is_normal, split_zero_pages
+from vm.ram import GuestRam, Prehasher, RamBlock, split_zero_pages
 
 __all__ = ["RamSaveHandler"]
 
@@ -155,17 +155,15 @@ class RamSaveHandler:
     async def _send_zero_pages_on_main(self, block: RamBlock,
                                       pages: Sequence[int]) -> Sequence[int]:
         size = self.page_size
-        if type(pages) is range and pages.step == 1 and run_is_normal(
-                block.words, pages.start, len(pages), size):
-            return pages  # no page of the run starts with a zero word: none is zero
-        # the same checks as the channel threads' multifd detection (first and last
-        # words, then a full compare only where those are zero)
+        # the same checks as the channel threads' multifd detection (a run whose pages
+        # all start with a non-zero word at once, else first and last words, then a
+        # full compare only where those are zero)
         normal, zero = split_zero_pages(block.view, pages, size, block.words)
-        if zero:
-            await self.main.send(RamZeroPages(block.name, tuple(zero)))
-            self.zero_pages += len(zero)
-            return [offset // size for offset in normal]
-        return pages
+        if not zero:
+            return pages  # as it came: a run stays a range for _send_pages_on_main
+        await self.main.send(RamZeroPages(block.name, tuple(zero)))
+        self.zero_pages += len(zero)
+        return [offset // size for offset in normal]
 
     async def _send_pages_on_main(self, block: RamBlock, pages: Sequence[int]) -> None:
         size = self.page_size

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import pagereport  # noqa: E402
 from migrate_common.qmp_client import QmpClient, QmpConnectionError  # noqa: E402
 from migrate_ctl.pair import DaemonProcess  # noqa: E402
 from migrate_ctl.progress import human_bytes  # noqa: E402
@@ -447,7 +448,11 @@ async def migrate(src: Daemon, dst: Daemon, *, multifd: bool, channels: int,
                   rss: RssSampler | None = None, poll: float = 0.05,
                   verify: bool = True) -> dict[str, Any]:
     """Configure both sides, migrate, wait, verify digests (unless ``verify`` is
-    False: the caller does it later); returns the raw sample."""
+    False: the caller does it later); returns the raw sample.
+
+    The migration starts once the kernel has not handed free memory to the host for
+    a while (:mod:`bench.pagereport`); what it handed over meanwhile is kept as
+    ``page-reporting-mib`` (``settle-s``: how long that wait took)."""
     caps = [{"capability": "multifd", "state": multifd},
             {"capability": "return-path", "state": True}]
     params = {"multifd-channels": channels, "max-bandwidth": 0, **(parameters or {})}
@@ -457,6 +462,8 @@ async def migrate(src: Daemon, dst: Daemon, *, multifd: bool, channels: int,
     where = await dst.execute("query-migrate")
     addr = where["socket-address"][0]
     uri = f"tcp:{addr['host']}:{addr['port']}"
+    settled = await pagereport.settle()
+    reporting = pagereport.Window()
     if rss is not None:
         rss.start()
     wall0 = time.monotonic()
@@ -475,8 +482,12 @@ async def migrate(src: Daemon, dst: Daemon, *, multifd: bool, channels: int,
     finally:
         if rss is not None:
             await rss.stop()
+    reported = reporting.mib()
     dst_info = await dst.execute("query-migrate")
-    sample: dict[str, Any] = {"src": info, "dst": dst_info, "wall-s": round(wall, 4)}
+    sample: dict[str, Any] = {"src": info, "dst": dst_info, "wall-s": round(wall, 4),
+                              "settle-s": settled}
+    if reported is not None:
+        sample["page-reporting-mib"] = reported
     if info.get("status") == "completed":
         if verify:
             sample["verified"] = await digests_match(src, dst)

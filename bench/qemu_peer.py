@@ -45,6 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import pagereport  # noqa: E402
+
 QEMU = "qemu-system-x86_64"
 APT_QEMU = "apt-get update && apt-get install -y --no-install-recommends qemu-system-x86"
 MiB = 1 << 20
@@ -434,6 +440,8 @@ def migrate_once(image: RamImage, channels: int, *, workdir: str | Path | None =
         sample["capabilities"] = caps
         sample["parameters"] = params
         port = _listen(dq)
+        sample["settle-s"] = pagereport.settle_sync()
+        reporting = pagereport.Window()
         wall0 = time.monotonic()
         sq.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
         while True:
@@ -447,6 +455,9 @@ def migrate_once(image: RamImage, channels: int, *, workdir: str | Path | None =
                                    f"{timeout:g} s")
             time.sleep(poll)
         sample["wall-s"] = round(time.monotonic() - wall0, 4)
+        reported = reporting.mib()
+        if reported is not None:
+            sample["page-reporting-mib"] = reported
         sample["src"] = info
         # the destination finishes loading (and, with the return path, has already
         # answered) once it says completed too

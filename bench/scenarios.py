@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import qemu_peer
+from bench import pagereport, qemu_peer
 from bench.harness import (
     GiB,
     MiB,
@@ -56,6 +56,10 @@ RSS_PER_CHANNEL = 2 * MiB  # ... beyond the guest's own RAM and device state
 FLAT = 0.15                # cost per byte within +-15 % across the scaling range
 
 REALISTIC = "state-size=100M,stop-copy-latency=50ms,read-bandwidth=2G"
+
+#: why a sample overlapped by a free page reporting pass is taken again
+REPORTED = ("the kernel handed {} MiB of free memory to the hypervisor meanwhile "
+            "(free page reporting)")
 
 
 @dataclass
@@ -190,8 +194,8 @@ async def run_points(ctx: Context, scenario: str, points: list[dict[str, Any]],
                 if not sample.get("foreign-processes") or attempt == ctx.retries:
                     break
                 p.setdefault("discarded", []).append(sample)
-                ctx.log(f"  [{scenario}] {p['key']:<24} #{rep + 1}: discarded, other "
-                        f"processes ran meanwhile: {sample['foreign-processes'][0]}")
+                ctx.log(f"  [{scenario}] {p['key']:<24} #{rep + 1}: discarded, disturbed: "
+                        f"{sample['foreign-processes'][0]}")
             p["samples"].append(sample)
             ok = "ok" if sample.get("verified") else f"FAILED ({sample.get('error')})"
             busy = sample.get("foreign-processes")
@@ -230,6 +234,8 @@ async def _one_sample(ctx: Context, p: dict[str, Any], rep: int,
     sample["foreign-cpu"] = round(max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall, 3)
     if sample["foreign-cpu"] > ctx.max_foreign_cpu:
         seen.add(f"other processes used {sample['foreign-cpu']:.2f} CPUs on average")
+    if sample.get("page-reporting-mib"):
+        seen.add(REPORTED.format(sample["page-reporting-mib"]))
     if seen:
         sample["foreign-processes"] = sorted(seen)
     return sample
@@ -281,6 +287,8 @@ def iperf_baseline(ctx: Context, kind: str, **kw: Any) -> Baseline | None:
     async def one(n: int) -> dict[str, Any]:
         for attempt in range(1 + ctx.retries):
             busy = set(await wait_idle(ctx.idle_wait))
+            settled = await pagereport.settle()
+            reporting = pagereport.Window()
             busy0, ours0, t0 = *cpu_counters(), time.monotonic()
             try:
                 r = iperf3(n, ctx.sizes.iperf_seconds, **kw)
@@ -294,12 +302,18 @@ def iperf_baseline(ctx: Context, kind: str, **kw: Any) -> Baseline | None:
             r["foreign-cpu"] = round(max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall, 3)
             if r["foreign-cpu"] > ctx.max_foreign_cpu:
                 busy.add(f"other processes used {r['foreign-cpu']:.2f} CPUs")
+            r["settle-s"] = settled
+            reported = reporting.mib()
+            if reported is not None:
+                r["page-reporting-mib"] = reported
+                if reported:
+                    busy.add(REPORTED.format(reported))
             busy.update(foreign_processes())
             if busy:
                 r["foreign-processes"] = sorted(busy)
             if not busy or attempt == ctx.retries:
                 break
-            ctx.log(f"  [iperf3 {kind}] -P {n}: discarded, other processes ran")
+            ctx.log(f"  [iperf3 {kind}] -P {n}: discarded, disturbed: {sorted(busy)[0]}")
         ctx.log(f"  [iperf3 {kind}] -P {n} -l 1M, right after: {r['Bps'] / 1e9:.2f} GB/s")
         return r
 

@@ -163,3 +163,55 @@ def test_a_measured_point_without_any_pair_fails_its_ratio_target():
     result = evaluate({"name": "device-throughput", "points": [_point("4 ch", [failed])],
                        "measure-notes": [], "paired": False})
     assert not [t for t in result["targets"] if t["name"].endswith("-ratio")]
+
+
+def _fresh_pagereport(monkeypatch, path):
+    from bench import pagereport
+
+    monkeypatch.setattr(pagereport, "REPORTED_KIB", path)
+    monkeypatch.setattr(pagereport, "_watch", None)
+    return pagereport
+
+
+def test_page_reporting_window_counts_what_was_reported(tmp_path, monkeypatch):
+    counter = tmp_path / "reported_kib"
+    counter.write_text("1000\n")
+    pagereport = _fresh_pagereport(monkeypatch, counter)
+    window = pagereport.Window()
+    counter.write_text(str(1000 + 640 * 1024))
+    assert window.mib() == 640.0
+    assert pagereport.Window().mib() == 0.0
+
+
+def test_without_the_counter_nothing_is_waited_for_or_known(tmp_path, monkeypatch):
+    pagereport = _fresh_pagereport(monkeypatch, tmp_path / "missing")
+    assert not pagereport.available()
+    assert pagereport.Window().mib() is None
+    assert pagereport.settle_sync(quiet=5.0) == 0.0
+
+
+def test_settle_waits_until_a_pass_is_over(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    counter = tmp_path / "reported_kib"
+    counter.write_text("0")
+    pagereport = _fresh_pagereport(monkeypatch, counter)
+    stop = threading.Event()
+
+    def reporting_pass() -> None:  # the counter moves every 20 ms for 0.4 s
+        for i in range(20):
+            new = tmp_path / "new"  # replaced whole, as a sysfs file reads
+            new.write_text(str(i * 2048))
+            new.replace(counter)
+            time.sleep(0.02)
+        stop.set()
+
+    threading.Thread(target=reporting_pass, daemon=True).start()
+    t0 = time.monotonic()
+    waited = pagereport.settle_sync(quiet=0.2, limit=5.0)
+    assert stop.is_set()  # it did not start while the counter still moved
+    assert time.monotonic() - t0 >= 0.4 and waited >= 0.4
+    # and once it has been quiet, there is nothing more to wait for
+    time.sleep(0.25)
+    assert pagereport.settle_sync(quiet=0.2, limit=5.0) == 0.0

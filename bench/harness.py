@@ -411,6 +411,7 @@ async def daemon_pair(devices: list[str], *, src_args: list[str] | None = None,
         for d in (src, dst):
             if d is not None:
                 await d.stop()
+        pagereport.note_freed()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -1,5 +1,5 @@
-"""The hypervisor taking free memory back: waiting for a pass to end before a
-measurement, and noticing one during it.
+"""The hypervisor taking free memory back: waiting for it to be done before a
+measurement, and noticing it during one.
 
 This VM's kernel hands free memory back to the host (virtio-balloon free page
 reporting).  About 2.4 s after a process frees a lot of memory, and every 2 s after
@@ -10,16 +10,14 @@ device state that overlapped a pass (640-1022 MiB reported during the migration)
 took 0.30-0.34 ns per byte against 0.21-0.26 for the same configuration without one
 (``docs/performance.md``, "Free page reporting").
 
-So the harness counts what was reported during every measured migration, iperf3
-run and QEMU sample (:class:`Window`): one during which memory was reported is
-disturbed, and taken again like one during which another process ran.  Before each
-it also waits for a pass in progress to end (:func:`settle`: no change of the
-counter for :data:`QUIET` s, watched by a thread that polls it every 50 ms).  Waiting
-out every pass a free may still bring is not worth it: after a 2 GiB sample the
-passes come while the next pair starts (ten alternating samples of 4 × 512 MiB, with
-and without waiting 3 s past the last pass and the last exit: none overlapped a
-pass either way, medians 0.246 and 0.242 ns per byte), and after freeing 16 GiB
-they go on for ~20 s.
+So before every measured migration, iperf3 run and QEMU sample the harness waits
+until neither a pass nor a big free (:func:`note_freed`: a daemon pair or a QEMU
+exited) happened for :data:`QUIET` s (:func:`settle`; a thread polls the counter
+every 50 ms), and it counts what was reported during the measurement
+(:class:`Window`): one during which memory was reported anyway is disturbed, and
+taken again like one during which another process ran.  Waiting for a pass in
+progress only is not enough: the iperf3 run right after a sample then met the pass
+that its daemons' exit brought, three tries in a row.
 
 The counter is the kernel's ``reported_kib`` (``/sys/module/page_reporting/
 parameters/``, this machine's kernel); where it does not exist nothing is waited for
@@ -33,16 +31,19 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["QUIET", "available", "reported_kib", "settle", "settle_sync", "Window"]
+__all__ = ["QUIET", "available", "reported_kib", "note_freed", "settle", "settle_sync",
+           "Window"]
 
 REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
 
-#: Seconds without a change of the counter before a measurement may start: a pass
-#: changes it every ~50 ms while it lasts (~0.4 s), and the next comes ~2 s later.
-QUIET = 0.6
+#: Seconds without a pass or a big free before a measurement may start: longer than
+#: the ~2.4 s from a free to its first pass and the ~2 s between passes
+#: (``bench/run.py --quick`` sets 0: it checks the harness, not the numbers).
+QUIET = 2.5
 
-#: Longest wait; after it the measurement starts anyway (and is retaken if disturbed).
-LIMIT = 10.0
+#: Longest wait (16 GiB freed take ~20 s of passes); after it the measurement starts
+#: anyway, and is taken again if a pass disturbed it.
+LIMIT = 30.0
 
 _POLL = 0.05
 
@@ -80,10 +81,19 @@ class _Watch(threading.Thread):
 
 _watch: _Watch | None = None
 _watch_lock = threading.Lock()
+_freed = 0.0
+
+
+def note_freed() -> None:
+    """A process the harness ran has exited, or a big file was removed: its memory is
+    free, and reporting passes may follow within seconds."""
+    global _freed
+    _freed = time.monotonic()
 
 
 def _quiet_for() -> float:
-    """Seconds since the counter last changed (infinite where there is none)."""
+    """Seconds since the counter last changed or memory was last freed (infinite
+    where there is no counter)."""
     global _watch
     if not available():
         return float("inf")
@@ -92,20 +102,22 @@ def _quiet_for() -> float:
             _watch = _Watch()
             _watch.start()
             return 0.0  # not watched before: wait QUIET to know
-    return time.monotonic() - _watch.changed
+    return time.monotonic() - max(_watch.changed, _freed)
 
 
-def settle_sync(quiet: float = QUIET, limit: float = LIMIT) -> float:
-    """Block until the counter has not changed for ``quiet`` s (at most ``limit``);
-    the seconds waited."""
+def settle_sync(quiet: float | None = None, limit: float = LIMIT) -> float:
+    """Block until no pass and no big free for ``quiet`` s (default :data:`QUIET`; at
+    most ``limit``); the seconds waited."""
+    quiet = QUIET if quiet is None else quiet
     t0 = time.monotonic()
     while (left := quiet - _quiet_for()) > 0 and time.monotonic() - t0 < limit:
         time.sleep(min(left, _POLL))
     return round(time.monotonic() - t0, 3)
 
 
-async def settle(quiet: float = QUIET, limit: float = LIMIT) -> float:
+async def settle(quiet: float | None = None, limit: float = LIMIT) -> float:
     """:func:`settle_sync` without blocking the event loop."""
+    quiet = QUIET if quiet is None else quiet
     t0 = time.monotonic()
     while (left := quiet - _quiet_for()) > 0 and time.monotonic() - t0 < limit:
         await asyncio.sleep(min(left, _POLL))

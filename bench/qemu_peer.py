@@ -166,6 +166,7 @@ class RamImage:
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+            pagereport.note_freed()
 
     def __enter__(self) -> RamImage:
         return self
@@ -498,6 +499,7 @@ def migrate_once(image: RamImage, channels: int, *, workdir: str | Path | None =
                 q.stop()
         with contextlib.suppress(FileNotFoundError):
             dst_ram.unlink()
+        pagereport.note_freed()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `bench` and the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import harness, scenarios  # noqa: E402
+from bench import harness, pagereport, scenarios  # noqa: E402
 from bench.report import render_all  # noqa: E402
 
 REQS = "pip install -r bench/requirements.txt"
@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         return reevaluate(args.reevaluate, plots=not args.no_plots)
     sizes = scenarios.QUICK if args.quick else scenarios.FULL
     repeat = args.repeat or (1 if args.quick else 3)
+    if args.quick:
+        pagereport.QUIET = 0.0
     stamp = dt.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     out = args.out or (harness.ROOT / "bench" / "results" / stamp)
     out.mkdir(parents=True, exist_ok=True)

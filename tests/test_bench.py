@@ -170,6 +170,7 @@ def _fresh_pagereport(monkeypatch, path):
 
     monkeypatch.setattr(pagereport, "REPORTED_KIB", path)
     monkeypatch.setattr(pagereport, "_watch", None)
+    monkeypatch.setattr(pagereport, "_freed", 0.0)
     return pagereport
 
 
@@ -215,3 +216,16 @@ def test_settle_waits_until_a_pass_is_over(tmp_path, monkeypatch):
     # and once it has been quiet, there is nothing more to wait for
     time.sleep(0.25)
     assert pagereport.settle_sync(quiet=0.2, limit=5.0) == 0.0
+
+
+def test_settle_waits_after_a_big_free_for_the_pass_it_brings(tmp_path, monkeypatch):
+    import time
+
+    counter = tmp_path / "reported_kib"
+    counter.write_text("0")
+    pagereport = _fresh_pagereport(monkeypatch, counter)
+    pagereport.settle_sync(quiet=0.1)
+    t0 = time.monotonic()
+    pagereport.note_freed()  # a daemon pair exited
+    waited = pagereport.settle_sync(quiet=0.3, limit=5.0)
+    assert time.monotonic() - t0 >= 0.3 and waited >= 0.29

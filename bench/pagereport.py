@@ -14,8 +14,8 @@ So before every measured migration, iperf3 run and QEMU sample the harness waits
 until neither a pass nor a big free (:func:`note_freed`: a daemon pair or a QEMU
 exited) happened for :data:`QUIET` s (:func:`settle`; a thread polls the counter
 every 50 ms), and it counts what was reported during the measurement
-(:class:`Window`): one during which memory was reported anyway is disturbed, and
-taken again like one during which another process ran.  Waiting for a pass in
+(:class:`Window`): one during which :data:`DISTURBING_MIB` or more were reported
+anyway is disturbed, and taken again like one during which another process ran.  Waiting for a pass in
 progress only is not enough: the iperf3 run right after a sample then met the pass
 that its daemons' exit brought, three tries in a row.
 
@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["QUIET", "available", "reported_kib", "note_freed", "settle", "settle_sync",
+__all__ = ["QUIET", "DISTURBING_MIB", "available", "reported_kib", "note_freed", "settle", "settle_sync",
            "Window"]
 
 REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
@@ -40,6 +40,10 @@ REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
 #: the ~2.4 s from a free to its first pass and the ~2 s between passes
 #: (``bench/run.py --quick`` sets 0: it checks the harness, not the numbers).
 QUIET = 2.5
+
+#: MiB reported during a measurement that make it disturbed: the small passes that
+#: iperf3's own processes bring (16-80 MiB, a few milliseconds) do not count.
+DISTURBING_MIB = 128
 
 #: Longest wait (16 GiB freed take ~20 s of passes); after it the measurement starts
 #: anyway, and is taken again if a pass disturbed it.

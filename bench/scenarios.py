@@ -234,7 +234,7 @@ async def _one_sample(ctx: Context, p: dict[str, Any], rep: int,
     sample["foreign-cpu"] = round(max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall, 3)
     if sample["foreign-cpu"] > ctx.max_foreign_cpu:
         seen.add(f"other processes used {sample['foreign-cpu']:.2f} CPUs on average")
-    if sample.get("page-reporting-mib"):
+    if sample.get("page-reporting-mib", 0) >= pagereport.DISTURBING_MIB:
         seen.add(REPORTED.format(sample["page-reporting-mib"]))
     if seen:
         sample["foreign-processes"] = sorted(seen)
@@ -306,7 +306,7 @@ def iperf_baseline(ctx: Context, kind: str, **kw: Any) -> Baseline | None:
             reported = reporting.mib()
             if reported is not None:
                 r["page-reporting-mib"] = reported
-                if reported:
+                if reported >= pagereport.DISTURBING_MIB:
                     busy.add(REPORTED.format(reported))
             busy.update(foreign_processes())
             if busy:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import statistics
 import subprocess
 import time
@@ -178,16 +179,24 @@ Baseline = Callable[[int], Awaitable[dict[str, Any]]]
 
 async def run_points(ctx: Context, scenario: str, points: list[dict[str, Any]],
                      run: Runner, show: Callable[[dict[str, Any]], str],
-                     repeat: int | None = None, baseline: Baseline | None = None) -> None:
+                     repeat: int | None = None, baseline: Baseline | None = None,
+                     shuffle: bool = False) -> None:
     """Every point ``repeat`` (default ``ctx.repeat``) times, round-robin so drift
     spreads over all points.  With a ``baseline``, every sample of a point that has
     ``streams`` (and is not a peer's) is followed at once by an iperf3 sample with
     as many streams, kept with it as ``sample["iperf3"]``: the machine's slow spells
-    last longer than a pair, so the pair's ratio is what the ratio targets use."""
+    last longer than a pair, so the pair's ratio is what the ratio targets use.
+    ``shuffle``: each round after the first in its own order (seeded by the round,
+    kept as ``sample["order"]``), for points compared with each other — in a fixed
+    order whatever a sample leaves behind (the hypervisor taking back 16 GiB after
+    the 8 GiB point) always hits the same next point."""
     for p in points:
         p.setdefault("samples", [])
     for rep in range(repeat or ctx.repeat):
-        for p in points:
+        order = list(points)
+        if shuffle and rep:
+            random.Random(f"bench-round-{rep}").shuffle(order)
+        for position, p in enumerate(order):
             t0 = time.monotonic()
             for attempt in range(1 + ctx.retries):
                 sample = await _one_sample(ctx, p, rep, run)
@@ -196,6 +205,8 @@ async def run_points(ctx: Context, scenario: str, points: list[dict[str, Any]],
                 p.setdefault("discarded", []).append(sample)
                 ctx.log(f"  [{scenario}] {p['key']:<24} #{rep + 1}: discarded, disturbed: "
                         f"{sample['foreign-processes'][0]}")
+            if shuffle:
+                sample["order"] = position
             p["samples"].append(sample)
             ok = "ok" if sample.get("verified") else f"FAILED ({sample.get('error')})"
             busy = sample.get("foreign-processes")
@@ -648,7 +659,8 @@ async def scaling(ctx: Context) -> dict[str, Any]:
     # its target compares points with each other, where one disturbed sample in three
     # moves a median by 20-40 % on this machine: five samples per point at least
     await run_points(ctx, "scaling", points, run, _show_device,
-                     repeat=ctx.repeat if ctx.repeat == 1 else max(ctx.repeat, SCALING_REPEAT))
+                     repeat=ctx.repeat if ctx.repeat == 1 else max(ctx.repeat, SCALING_REPEAT),
+                     shuffle=True)
     return {"name": "scaling",
             "title": f"Scaling: total device state (4 devices) and device count "
                      f"({human(total)} in all); multifd, {ctx.downtime_channels} channels",

@@ -31,8 +31,8 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["QUIET", "DISTURBING_MIB", "available", "reported_kib", "note_freed", "settle", "settle_sync",
-           "Window"]
+__all__ = ["QUIET", "DISTURBING_MIB", "available", "reported_kib", "note_freed", "settle",
+           "settle_sync", "Window"]
 
 REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
 
@@ -42,7 +42,7 @@ REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
 QUIET = 2.5
 
 #: MiB reported during a measurement that make it disturbed: the small passes that
-#: iperf3's own processes bring (16-80 MiB, a few milliseconds) do not count.
+#: iperf3's own traffic brings (16-96 MiB, a few milliseconds) do not count.
 DISTURBING_MIB = 128
 
 #: Longest wait (16 GiB freed take ~20 s of passes); after it the measurement starts

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import pagereport  # noqa: E402
 from bench.harness import daemon_pair, digests_match, migrate  # noqa: E402
 
 KINDS = {
@@ -146,6 +147,9 @@ async def run(kind: str, channels: int, freq: int, symbols: int = 0,
     try:
         async with daemon_pair(devices, src_args=src_args, dst_args=dst_args) as (src, dst):
             await asyncio.sleep(1)  # let start-up work (filling, pre-faulting) settle
+            # and the hypervisor's reclaiming (migrate() waits for it too, but then
+            # inside the recording)
+            await pagereport.settle()
             perf = subprocess.Popen(["perf", "record", "-a", "-F", str(freq), "-o", str(data),
                                      "--", "sleep", "600"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 __all__ = ["QUIET", "DISTURBING_MIB", "available", "reported_kib", "note_freed", "settle",
-           "settle_sync", "Window"]
+           "settle_sync", "disturbance", "Window"]
 
 REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
 
@@ -121,11 +121,16 @@ def settle_sync(quiet: float | None = None, limit: float = LIMIT) -> float:
 
 async def settle(quiet: float | None = None, limit: float = LIMIT) -> float:
     """:func:`settle_sync` without blocking the event loop."""
-    quiet = QUIET if quiet is None else quiet
-    t0 = time.monotonic()
-    while (left := quiet - _quiet_for()) > 0 and time.monotonic() - t0 < limit:
-        await asyncio.sleep(min(left, _POLL))
-    return round(time.monotonic() - t0, 3)
+    return await asyncio.to_thread(settle_sync, quiet, limit)
+
+
+def disturbance(mib: float | None) -> str | None:
+    """Why a measurement during which ``mib`` MiB were reported must be taken again
+    (None: it need not)."""
+    if mib is None or mib < DISTURBING_MIB:
+        return None
+    return (f"the kernel handed {mib} MiB of free memory to the hypervisor meanwhile "
+            "(free page reporting)")
 
 
 class Window:

@@ -58,10 +58,6 @@ FLAT = 0.15                # cost per byte within +-15 % across the scaling rang
 
 REALISTIC = "state-size=100M,stop-copy-latency=50ms,read-bandwidth=2G"
 
-#: why a sample overlapped by a free page reporting pass is taken again
-REPORTED = ("the kernel handed {} MiB of free memory to the hypervisor meanwhile "
-            "(free page reporting)")
-
 
 @dataclass
 class Sizes:
@@ -245,8 +241,8 @@ async def _one_sample(ctx: Context, p: dict[str, Any], rep: int,
     sample["foreign-cpu"] = round(max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall, 3)
     if sample["foreign-cpu"] > ctx.max_foreign_cpu:
         seen.add(f"other processes used {sample['foreign-cpu']:.2f} CPUs on average")
-    if sample.get("page-reporting-mib", 0) >= pagereport.DISTURBING_MIB:
-        seen.add(REPORTED.format(sample["page-reporting-mib"]))
+    if why := pagereport.disturbance(sample.get("page-reporting-mib")):
+        seen.add(why)
     if seen:
         sample["foreign-processes"] = sorted(seen)
     return sample
@@ -317,8 +313,8 @@ def iperf_baseline(ctx: Context, kind: str, **kw: Any) -> Baseline | None:
             reported = reporting.mib()
             if reported is not None:
                 r["page-reporting-mib"] = reported
-                if reported >= pagereport.DISTURBING_MIB:
-                    busy.add(REPORTED.format(reported))
+            if why := pagereport.disturbance(reported):
+                busy.add(why)
             busy.update(foreign_processes())
             if busy:
                 r["foreign-processes"] = sorted(busy)

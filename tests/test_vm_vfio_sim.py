@@ -779,3 +779,30 @@ async def test_prepare() -> None:
     await src.set_state(S.STOP_COPY)
     await resume(dst, await read_all(src), src.config_blob())
     assert dst.digest() == src.digest()
+
+
+async def test_state_changes_of_a_prepared_device_stay_on_the_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # entering STOP_COPY is inside the downtime: a prepared device must not pay for a
+    # trip through a worker thread there; an unprepared one offloads its big buffers
+    offloaded: list[str] = []
+    real = asyncio.to_thread
+
+    async def spy(fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        offloaded.append(fn.__name__)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", spy)
+    src, dst = make(state_size=20 * MiB), make("destination", state_size=20 * MiB)
+    await src.set_state(S.STOP_COPY)
+    await dst.set_state(S.RESUMING)
+    assert offloaded == ["_ensure_stream", "_ensure_resume_buffer"]
+    src2, dst2 = make(state_size=20 * MiB), make("destination", state_size=20 * MiB)
+    await src2.prepare()
+    await dst2.prepare()
+    offloaded.clear()
+    await src2.set_state(S.STOP_COPY)
+    await dst2.set_state(S.RESUMING)
+    assert offloaded == []
+    await resume(dst2, await read_all(src2), src2.config_blob())
+    assert dst2.digest() == src2.digest()

@@ -13,6 +13,7 @@ from typing import Any
 from migrate_common.log import configure_logging
 from migrate_common.net import Address, parse_address
 from migrate_common.settings import MigrationSettings
+from migrate_common.timeline import TIMELINE
 from migrate_common.tls import TlsCreds, parse_tls_object
 from protocol.errors import ConfigError
 from vm.machine import DEFAULT_DEVICE_OPTIONS, VirtualMachine
@@ -61,6 +62,9 @@ def common_parser(prog: str, description: str, default_qmp: str) -> argparse.Arg
     parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
     parser.add_argument("--trace-packets", action="store_true",
                         help="log every packet on every channel (debug)")
+    parser.add_argument("--timeline", metavar="PATH",
+                        help="record every packet's times; written to PATH as JSON lines "
+                             "when a migration ends (bench/timeline.py reads it)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop implementation (default uvloop)")
     return parser
@@ -109,6 +113,8 @@ def qmp_address(args: argparse.Namespace) -> Address:
 def run_main(args: argparse.Namespace, make: Any) -> int:
     """Configure logging, pick the loop, build the daemon with ``make()`` and run it."""
     configure_logging(args.log_level, json=args.log_json, trace_packets=args.trace_packets)
+    if args.timeline:
+        TIMELINE.enable(args.timeline)
     try:
         coro: Coroutine[Any, Any, None] = make()
     except (ConfigError, ValueError) as exc:

@@ -25,6 +25,7 @@ from typing import Any
 
 from migrate_common.log import TRACE
 from migrate_common.threadio import Stopped, Stopper, hand_to_thread, recv_into
+from migrate_common.timeline import TIMELINE
 from protocol.channel import (
     ChannelClosed,
     ChannelDecoder,
@@ -170,6 +171,8 @@ class ReceiveChannel:
                 for event in decoder.eof() if n == 0 else decoder.advance(n):
                     if isinstance(event, (DeviceStateReceived, RamPacketReceived)):
                         self.packets += 1
+                        if isinstance(event, RamPacketReceived):
+                            TIMELINE.record("ram", self.id, event.packet.normal_pages)
                     if isinstance(event, DeviceStateReceived):
                         self._on_device_state(event)
                         continue
@@ -228,11 +231,13 @@ class ReceiveChannel:
                        ) -> memoryview | None:
         """Decoder hook (receive thread): where the packet's data goes."""
         target: memoryview | None = self._handler(header).claim(prefix, header.payload_size)
+        TIMELINE.record("header", self.id, header.idstr, target is not None)
         return target
 
     def _on_device_state(self, event: DeviceStateReceived) -> None:
         """A whole device-state packet (receive thread): queue it for its device."""
         header = event.header
+        TIMELINE.record("received", self.id, header.idstr, header.payload_size)
         if TRACE.packets:
             self.log.debug("<- device state", idstr=header.idstr, size=header.payload_size,
                            in_place=event.in_place)

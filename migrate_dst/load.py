@@ -29,6 +29,7 @@ from typing import Any
 
 from migrate_dst.reassembly import QueuedBuffer, Reassembly
 from migrate_common.funnel import Funnel
+from migrate_common.timeline import TIMELINE
 from protocol.control import VfioRecord
 from protocol.errors import DeviceError, LimitExceededError, SequenceError
 from protocol.vfio import (
@@ -215,7 +216,9 @@ class VfioLoadHandler:
         """Write one data buffer into the device (by whichever thread loads it); the
         seconds the device's write pacing asks to wait."""
         offset = self.device.write_offset if buf.offset is None else buf.offset
+        started = time.monotonic_ns()
         delay = self.device.commit(offset, buf.size, buf.data)
+        TIMELINE.record("loaded", self.device.id, started, buf.size)
         self.bytes_loaded += buf.size
         return delay
 

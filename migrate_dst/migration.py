@@ -43,6 +43,7 @@ from migrate_common.status import MigrationStatus as S
 from migrate_common.status import StatusMachine
 from migrate_dst.channels import BufferPool, ReceiveChannel
 from migrate_common.threadio import size_buffers
+from migrate_common.timeline import TIMELINE
 from migrate_dst.incoming import classify_connection
 from migrate_dst.load import SectionKind, VfioLoadHandler
 from migrate_dst.ram import RamLoadHandler, RecvSync
@@ -212,17 +213,21 @@ class IncomingMigration:
         self.task = asyncio.get_running_loop().create_task(self.run(), name="incoming")
 
     async def run(self) -> None:
+        TIMELINE.start()
         main = self.funnel.spawn(self._incoming(), "incoming-migration")
         try:
-            await asyncio.wait([main])
-        except asyncio.CancelledError:
-            self.funnel.fail(ChannelError("destination daemon is shutting down"))
-            await self._abandon()
-            raise
-        if main.cancelled() or main.exception() is not None or self.funnel.failed:
-            await self._abandon()
-        else:
-            await self._finish_success()
+            try:
+                await asyncio.wait([main])
+            except asyncio.CancelledError:
+                self.funnel.fail(ChannelError("destination daemon is shutting down"))
+                await self._abandon()
+                raise
+            if main.cancelled() or main.exception() is not None or self.funnel.failed:
+                await self._abandon()
+            else:
+                await self._finish_success()
+        finally:
+            TIMELINE.write()
 
     async def _incoming(self) -> None:
         timeout = self._timeout()
@@ -585,6 +590,7 @@ class IncomingMigration:
     def _checkpoint(self, name: str) -> None:
         base = self._switchover_at if self._switchover_at is not None else self.start_time
         self.checkpoints[name] = round((self.clock() - base) * 1000, 3)
+        TIMELINE.record("checkpoint", name)
 
     async def _complete(self, eof: Eof) -> None:
         self._checkpoint("eof-received")

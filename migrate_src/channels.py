@@ -34,6 +34,7 @@ from migrate_common.threadio import (
     send_all,
     size_buffers,
 )
+from migrate_common.timeline import TIMELINE
 from protocol.control import (
     ControlDecoder,
     ControlMessage,
@@ -431,6 +432,7 @@ class MultifdSender:
 
     def _thread_main(self, chan: _SendChannel, failed: asyncio.Future[BaseException]) -> None:
         what = f"multifd channel {chan.id}"
+        name = threading.current_thread().name
         trace = TRACE.packets
         try:
             while True:
@@ -438,12 +440,17 @@ class MultifdSender:
                 if job is None:
                     return
                 start = time.perf_counter()
+                timeline = TIMELINE.events
+                started = time.monotonic_ns() if timeline is not None else 0
                 parts = job.build(self, chan)
                 try:
                     n = send_all(chan.sock, parts, chan.stopper, self.stall_timeout, what)
                 except OSError as exc:
                     raise ChannelError(f"{what}: send failed: {exc.strerror or exc}",
                                        channel=str(chan.id)) from exc
+                if timeline is not None:
+                    timeline.append((time.monotonic_ns(), name, "sent", chan.id, started, n,
+                                     job.kind))
                 self._done.append((chan, job, n, time.perf_counter() - start, trace))
                 if not self._wake_pending and (chan.jobs.qsize() < WAKE_BELOW
                                                or job.urgent):

@@ -48,6 +48,7 @@ from migrate_common.settings import (
 )
 from migrate_common.status import MigrationStatus as S
 from migrate_common.status import StatusMachine
+from migrate_common.timeline import TIMELINE
 from migrate_common.tls import handshake
 from migrate_src.channels import MainChannel, MultifdSender
 from migrate_src.ram import RamSaveHandler
@@ -167,18 +168,22 @@ class OutgoingMigration:
     async def run(self) -> None:
         """The whole migration; never raises for migration errors (status says why)."""
         self.status.set(S.SETUP)
+        TIMELINE.start()
         task = self.funnel.spawn(self._migrate(), "migration")
         try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError:
-            # the daemon is shutting down: fail the migration, restore the VM, re-raise
-            self.funnel.fail(ChannelError("source daemon is shutting down"))
-            await self._abandon()
-            raise
-        if task.cancelled() or task.exception() is not None or self.funnel.failed:
-            await self._abandon()
-        else:
-            await self._finish_success()
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                # the daemon is shutting down: fail the migration, restore the VM, re-raise
+                self.funnel.fail(ChannelError("source daemon is shutting down"))
+                await self._abandon()
+                raise
+            if task.cancelled() or task.exception() is not None or self.funnel.failed:
+                await self._abandon()
+            else:
+                await self._finish_success()
+        finally:
+            TIMELINE.write()
 
     async def _abandon(self) -> None:
         """Failure or cancel: stop all tasks, close sockets, run the VM again."""
@@ -425,6 +430,7 @@ class OutgoingMigration:
     def _checkpoint(self, name: str) -> None:
         assert self.downtime_start is not None
         self.checkpoints[name] = round((self.clock() - self.downtime_start) * 1000, 3)
+        TIMELINE.record("checkpoint", name)
 
     async def _switchover(self) -> None:
         assert self.main is not None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from migrate_common.timeline import TIMELINE
 from migrate_src.channels import MainChannel, MultifdSender
 from protocol.control import VfioRecord
 from protocol.multifd import DeviceStateHeader
@@ -177,6 +178,7 @@ class VfioSaveHandler:
                   + VfioStatePacketHeader(idx, flags).encode())
         # the device is stopped, so its data view stays valid until the channel sent it
         await sender.submit((header, data))
+        TIMELINE.record("queued", self.idstr, idx)
         self.transferred += size
         self.packets += 1
 

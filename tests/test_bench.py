@@ -229,3 +229,64 @@ def test_settle_waits_after_a_big_free_for_the_pass_it_brings(tmp_path, monkeypa
     pagereport.note_freed()  # a daemon pair exited
     waited = pagereport.settle_sync(quiet=0.3, limit=5.0)
     assert time.monotonic() - t0 >= 0.3 and waited >= 0.29
+
+
+# -- the per-packet timeline ----------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_timeline_lines_up_both_daemons_packets(tmp_path):
+    out = tmp_path / "tl"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "timeline.py"), "--devices", "2", "--state",
+         "8M", "--channels", "2", "--slice", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "verified True" in run.stdout and "busy %" in run.stdout
+
+    from bench.timeline import analyse, read_timeline
+
+    src, dst = read_timeline(out / "src.timeline"), read_timeline(out / "dst.timeline")
+    events = {side: [e[2] for e in tl] for side, tl in (("src", src), ("dst", dst))}
+    # 2 devices x 8 packets of 1 MiB + a config packet each, on both sides
+    assert events["src"].count("queued") == 18
+    assert events["dst"].count("received") == 18
+    assert events["dst"].count("header") == 18
+    assert events["dst"].count("loaded") == 16
+    src_points = [e[3] for e in src if e[2] == "checkpoint"]
+    assert src_points[0] == "downtime-start" and "shut-received" in src_points
+    assert "vm-started" in [e[3] for e in dst if e[2] == "checkpoint"]
+    result = analyse(src, dst, 1.0)
+    assert sorted(result["channels"]) == [0, 1]
+    sent = sum(c["MB"] for c in result["channels"].values())
+    assert sum(r.get("sent MB", 0) for r in result["slices"]) == pytest.approx(sent)
+    # the source stops the VM before anything goes out, and the destination
+    # receives nothing before it was sent
+    first_sent = min(c["first-ms"] for c in result["channels"].values())
+    first_received = min(e[0] for e in dst if e[2] == "received")
+    assert 0 < first_sent
+    assert first_received > min(e[4] for e in src if e[2] == "sent")
+
+
+def test_timeline_slices_share_each_write_by_its_time():
+    from bench.timeline import analyse
+
+    ms = 1_000_000
+    src = [[0, "MainThread", "checkpoint", "downtime-start"],
+           [1 * ms, "MainThread", "queued", "dev0/vfio", 0],
+           # one write of 3 MB from 1 ms to 4 ms: a MB in each of three 1-ms slices
+           [4 * ms, "multifd-send-0", "sent", 0, 1 * ms, 3_000_000, "device-state"],
+           [5 * ms, "multifd-send-0", "sent", 0, 5 * ms, 1_000_000, "device-state"]]
+    dst = [[4 * ms, "multifd-recv-0", "received", 0, "dev0/vfio", 3_000_000],
+           [6 * ms, "vfio-load-dev0", "loaded", "dev0", 4 * ms, 2_000_000],
+           [6 * ms, "MainThread", "checkpoint", "vm-started"]]
+    result = analyse(src, dst, 1.0)
+    rows = {int(r["ms"]): r for r in result["slices"]}
+    assert [rows[i]["sent MB"] for i in (1, 2, 3)] == pytest.approx([1.0, 1.0, 1.0])
+    assert [rows[i]["busy %"] for i in (1, 2, 3, 4)] == pytest.approx([100, 100, 100, 0])
+    assert rows[5]["sent MB"] == pytest.approx(1.0)  # a zero-length write: its end slice
+    assert rows[4]["received MB"] == pytest.approx(3.0)
+    assert rows[4]["loaded MB"] + rows[5]["loaded MB"] == pytest.approx(2.0)
+    assert result["channels"][0] == {"first-ms": 1.0, "last-ms": 5.0, "MB": 4.0, "jobs": 2,
+                                     "busy-ms": 3.0, "idle-ms": 1.0}
+    assert result["checkpoints"] == [(0.0, "source", "downtime-start"),
+                                     (6.0, "destination", "vm-started")]

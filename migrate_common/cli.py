@@ -113,9 +113,9 @@ def qmp_address(args: argparse.Namespace) -> Address:
 def run_main(args: argparse.Namespace, make: Any) -> int:
     """Configure logging, pick the loop, build the daemon with ``make()`` and run it."""
     configure_logging(args.log_level, json=args.log_json, trace_packets=args.trace_packets)
-    if args.timeline:
-        TIMELINE.enable(args.timeline)
     try:
+        if args.timeline:
+            TIMELINE.enable(args.timeline)
         coro: Coroutine[Any, Any, None] = make()
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

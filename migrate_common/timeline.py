@@ -30,7 +30,11 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
+
+from migrate_common.log import get_logger
+from protocol.errors import ConfigError
 
 __all__ = ["TIMELINE", "Timeline"]
 
@@ -44,6 +48,10 @@ class Timeline:
         self.events: list[tuple[Any, ...]] | None = None
 
     def enable(self, path: str) -> None:
+        """Record from now on; ``path``'s directory must exist (checked at once, so a
+        typo fails at startup rather than after a migration)."""
+        if not Path(path).parent.is_dir():
+            raise ConfigError(f"--timeline {path}: no such directory")
         self.path = path
         self.events = []
 
@@ -65,10 +73,14 @@ class Timeline:
             return
         events, self.events = self.events, []
         tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            for event in events:
-                f.write(json.dumps(event, default=str) + "\n")
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                for event in events:
+                    f.write(json.dumps(event, default=str) + "\n")
+            os.replace(tmp, self.path)
+        except OSError as exc:  # the migration's outcome stands; only the record is lost
+            get_logger("timeline").warning("could not write the timeline", path=self.path,
+                                           error=str(exc))
 
 
 TIMELINE = Timeline()

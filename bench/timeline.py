@@ -8,7 +8,10 @@ stopped the VM:
 - per time slice: device-state packets queued, MB written to the sockets, how busy
   the source's channel threads were (100 % = every channel writing all the time),
   MB of device state received and loaded on the destination, RAM received;
-- per channel: its first and last write, bytes, busy and idle time in between.
+- per channel: its first and last write, bytes, busy and idle time in between;
+- per channel on the destination: the time spent receiving device-state data and the
+  time between packets (reading the next header and waiting until the headers of the
+  packets before it, on other channels, have come).
 
 ::
 
@@ -111,9 +114,24 @@ def analyse(src: list[Event], dst: list[Event], slice_ms: float) -> dict[str, An
             c["bytes"] += n
             c["busy"] += (end - start) / 1e6
             c["jobs"] += 1
+    receivers: dict[int, dict[str, float]] = {}
+    header_at: dict[int, int] = {}
+    received_at: dict[int, int] = {}
     for e in dst:
-        if e[2] == "received":
+        if e[2] == "header":
+            chan = e[3]
+            r = receivers.setdefault(chan, {"packets": 0, "body-ms": 0.0, "between-ms": 0.0})
+            if chan in received_at:
+                r["between-ms"] += (e[0] - received_at[chan]) / 1e6
+            header_at[chan] = e[0]
+        elif e[2] == "received":
+            chan = e[3]
             sl.add("received MB", e[0], e[5] / 1e6)
+            if chan in header_at:
+                r = receivers[chan]
+                r["packets"] += 1
+                r["body-ms"] += (e[0] - header_at[chan]) / 1e6
+            received_at[chan] = e[0]
         elif e[2] == "loaded":
             sl.spread("loaded MB", e[4], e[0], e[5] / 1e6)
         elif e[2] == "ram":
@@ -130,7 +148,8 @@ def analyse(src: list[Event], dst: list[Event], slice_ms: float) -> dict[str, An
         chan: {"first-ms": ms(c["first"]), "last-ms": ms(c["last"]), "MB": c["bytes"] / 1e6,
                "jobs": c["jobs"], "busy-ms": c["busy"], "idle-ms": c["idle"]}
         for chan, c in sorted(channels.items())}
-    return {"checkpoints": checkpoints, "slices": table, "channels": per_channel}
+    return {"checkpoints": checkpoints, "slices": table, "channels": per_channel,
+            "receivers": dict(sorted(receivers.items()))}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -151,6 +170,16 @@ def render(result: dict[str, Any]) -> str:
         for chan, c in result["channels"].items():
             out.append(f"{chan:>7} {c['first-ms']:10.2f} {c['last-ms']:10.2f} {c['MB']:8.1f} "
                        f"{c['jobs']:6d} {c['busy-ms']:9.1f} {c['idle-ms']:9.1f}")
+    if result["receivers"]:
+        out.append("")
+        out.append("destination, device-state packets per channel: receiving their data, and "
+                   "between packets")
+        out.append("(a packet's data complete -> the next header read and its place in the "
+                   "device known)")
+        out.append("channel  packets   data ms   between ms")
+        for chan, r in result["receivers"].items():
+            out.append(f"{chan:>7} {r['packets']:8.0f} {r['body-ms']:9.1f} "
+                       f"{r['between-ms']:12.1f}")
     return "\n".join(out)
 
 

@@ -257,6 +257,8 @@ def test_timeline_lines_up_both_daemons_packets(tmp_path):
     assert "vm-started" in [e[3] for e in dst if e[2] == "checkpoint"]
     result = analyse(src, dst, 1.0)
     assert sorted(result["channels"]) == [0, 1]
+    assert sorted(result["receivers"]) == [0, 1]
+    assert sum(r["packets"] for r in result["receivers"].values()) == 18
     sent = sum(c["MB"] for c in result["channels"].values())
     assert sum(r.get("sent MB", 0) for r in result["slices"]) == pytest.approx(sent)
     # the source stops the VM before anything goes out, and the destination
@@ -276,7 +278,11 @@ def test_timeline_slices_share_each_write_by_its_time():
            # one write of 3 MB from 1 ms to 4 ms: a MB in each of three 1-ms slices
            [4 * ms, "multifd-send-0", "sent", 0, 1 * ms, 3_000_000, "device-state"],
            [5 * ms, "multifd-send-0", "sent", 0, 5 * ms, 1_000_000, "device-state"]]
-    dst = [[4 * ms, "multifd-recv-0", "received", 0, "dev0/vfio", 3_000_000],
+    dst = [[2 * ms, "multifd-recv-0", "header", 0, "dev0/vfio", True],
+           [4 * ms, "multifd-recv-0", "received", 0, "dev0/vfio", 3_000_000],
+           # 1.5 ms between that packet's data and the next header's place
+           [int(5.5 * ms), "multifd-recv-0", "header", 0, "dev0/vfio", True],
+           [6 * ms, "multifd-recv-0", "received", 0, "dev0/vfio", 1_000_000],
            [6 * ms, "vfio-load-dev0", "loaded", "dev0", 4 * ms, 2_000_000],
            [6 * ms, "MainThread", "checkpoint", "vm-started"]]
     result = analyse(src, dst, 1.0)
@@ -285,6 +291,7 @@ def test_timeline_slices_share_each_write_by_its_time():
     assert [rows[i]["busy %"] for i in (1, 2, 3, 4)] == pytest.approx([100, 100, 100, 0])
     assert rows[5]["sent MB"] == pytest.approx(1.0)  # a zero-length write: its end slice
     assert rows[4]["received MB"] == pytest.approx(3.0)
+    assert result["receivers"] == {0: {"packets": 2, "body-ms": 2.5, "between-ms": 1.5}}
     assert rows[4]["loaded MB"] + rows[5]["loaded MB"] == pytest.approx(2.0)
     assert result["channels"][0] == {"first-ms": 1.0, "last-ms": 5.0, "MB": 4.0, "jobs": 2,
                                      "busy-ms": 3.0, "idle-ms": 1.0}

@@ -11,7 +11,7 @@ treated as an error and never swallowed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -96,6 +96,26 @@ class Funnel:
         pending = [t for t in self._tasks if t is not current]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def run_to_end(self, coro: Coroutine[Any, Any, Any], name: str, *,
+                         succeeded: Callable[[], Awaitable[None]],
+                         failed: Callable[[], Awaitable[None]],
+                         shutting_down: BaseException) -> None:
+        """Run a migration's main task to its end, then ``succeeded()`` or, when it or
+        any other task failed or was cancelled, ``failed()``.  Cancelled from outside
+        (the daemon shuts down): record ``shutting_down`` as the failure, run
+        ``failed()`` and re-raise the cancellation."""
+        task = self.spawn(coro, name)
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            self.fail(shutting_down)
+            await failed()
+            raise
+        if task.cancelled() or task.exception() is not None or self.failed:
+            await failed()
+        else:
+            await succeeded()
 
     def raise_if_failed(self) -> None:
         if self.error is not None:

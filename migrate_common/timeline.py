@@ -26,10 +26,12 @@ Events (the first fields of every line are ``[ns, thread, event]``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,16 @@ class Timeline:
         """A migration begins: forget the previous one's events."""
         if self.events is not None:
             self.events = []
+
+    @contextlib.contextmanager
+    def migration(self) -> Iterator[None]:
+        """Around one migration: :meth:`start` before, :meth:`write` after, whatever
+        the outcome."""
+        self.start()
+        try:
+            yield
+        finally:
+            self.write()
 
     def write(self) -> None:
         """A migration ended: write its events (atomically replacing the file)."""

@@ -213,21 +213,11 @@ class IncomingMigration:
         self.task = asyncio.get_running_loop().create_task(self.run(), name="incoming")
 
     async def run(self) -> None:
-        TIMELINE.start()
-        main = self.funnel.spawn(self._incoming(), "incoming-migration")
-        try:
-            try:
-                await asyncio.wait([main])
-            except asyncio.CancelledError:
-                self.funnel.fail(ChannelError("destination daemon is shutting down"))
-                await self._abandon()
-                raise
-            if main.cancelled() or main.exception() is not None or self.funnel.failed:
-                await self._abandon()
-            else:
-                await self._finish_success()
-        finally:
-            TIMELINE.write()
+        with TIMELINE.migration():
+            await self.funnel.run_to_end(
+                self._incoming(), "incoming-migration", succeeded=self._finish_success,
+                failed=self._abandon,
+                shutting_down=ChannelError("destination daemon is shutting down"))
 
     async def _incoming(self) -> None:
         timeout = self._timeout()

@@ -168,22 +168,12 @@ class OutgoingMigration:
     async def run(self) -> None:
         """The whole migration; never raises for migration errors (status says why)."""
         self.status.set(S.SETUP)
-        TIMELINE.start()
-        task = self.funnel.spawn(self._migrate(), "migration")
-        try:
-            try:
-                await asyncio.wait([task])
-            except asyncio.CancelledError:
-                # the daemon is shutting down: fail the migration, restore the VM, re-raise
-                self.funnel.fail(ChannelError("source daemon is shutting down"))
-                await self._abandon()
-                raise
-            if task.cancelled() or task.exception() is not None or self.funnel.failed:
-                await self._abandon()
-            else:
-                await self._finish_success()
-        finally:
-            TIMELINE.write()
+        with TIMELINE.migration():
+            # a failure or the daemon shutting down restores the VM (_abandon)
+            await self.funnel.run_to_end(
+                self._migrate(), "migration", succeeded=self._finish_success,
+                failed=self._abandon,
+                shutting_down=ChannelError("source daemon is shutting down"))
 
     async def _abandon(self) -> None:
         """Failure or cancel: stop all tasks, close sockets, run the VM again."""

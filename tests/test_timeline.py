@@ -55,3 +55,14 @@ def test_a_failed_write_loses_only_the_record(tmp_path):
     tl.write()  # warns instead of raising into the migration
     assert not (tmp_path / "t").exists()
     assert tl.events == []
+
+
+def test_a_migration_is_written_whatever_its_outcome(tmp_path):
+    tl = Timeline()
+    tl.enable(str(tmp_path / "t"))
+    tl.record("checkpoint", "from the migration before")
+    with pytest.raises(RuntimeError), tl.migration():
+        tl.record("checkpoint", "downtime-start")
+        raise RuntimeError("the migration failed")
+    (line,) = [json.loads(text) for text in (tmp_path / "t").read_text().splitlines()]
+    assert line[2:] == ["checkpoint", "downtime-start"]

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.harness import daemon_pair, migrate  # noqa: E402
+from bench.harness import daemon_pair, migrate, vm_args  # noqa: E402
 from migrate_common.qmp_client import QmpCommandError  # noqa: E402
 
 
@@ -52,17 +52,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 async def run(args: argparse.Namespace) -> int:
     variants: list[tuple[str, dict[str, Any]]] = args.variants
-    if args.ram:
-        devices: list[str] = []
-        src_args = ["--memory", f"{args.ram},fill=random"]
-        if args.workload:
-            src_args += ["--workload", args.workload]
-        dst_args = ["--memory", args.ram]
-        metric = "ram-GBps"
-    else:
-        devices = [f"vfio-sim,id=dev{i},state-size={args.state}" for i in range(args.devices)]
-        src_args, dst_args = [], []
-        metric = "device-GBps"
+    devices, src_args, dst_args = vm_args(args.ram, args.devices, args.state, args.workload)
+    metric = "ram-GBps" if args.ram else "device-GBps"
     samples: dict[str, list[float]] = {name: [] for name, _ in variants}
     failed = 0
     for rep in range(args.repeat):

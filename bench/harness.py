@@ -373,6 +373,19 @@ async def start_daemon(side: str, workdir: Path, args: list[str], launch: Launch
         await asyncio.sleep(0.05)
 
 
+def vm_args(ram: str | None, devices: int, state: str, workload: str | None = None
+            ) -> tuple[list[str], list[str], list[str]]:
+    """The VM of the tools' ``--ram SIZE`` (random content, no devices; ``workload``
+    on the source) or ``--devices N --state SIZE`` options, for :func:`daemon_pair`:
+    (devices, source args, destination args)."""
+    if ram:
+        src_args = ["--memory", f"{ram},fill=random"]
+        if workload:
+            src_args += ["--workload", workload]
+        return [], src_args, ["--memory", ram]
+    return [f"vfio-sim,id=dev{i},state-size={state}" for i in range(devices)], [], []
+
+
 @contextlib.asynccontextmanager
 async def daemon_pair(devices: list[str], *, src_args: list[str] | None = None,
                       dst_args: list[str] | None = None,

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.harness import daemon_pair, migrate  # noqa: E402
+from bench.harness import daemon_pair, migrate, vm_args  # noqa: E402
 
 Event = list[Any]  # [ns, thread, event, *fields]
 
@@ -104,12 +104,10 @@ def analyse(src: list[Event], dst: list[Event], slice_ms: float) -> dict[str, An
             end, (chan, start, n, _kind) = e[0], e[3:7]
             sl.spread("sent MB", start, end, n / 1e6)
             sl.spread("busy", start, end, (end - start) / 1e6)
-            c = channels.setdefault(chan, {"first": start, "last": end, "bytes": 0,
-                                           "busy": 0.0, "jobs": 0, "prev": None,
-                                           "idle": 0.0})
-            if c["prev"] is not None and start > c["prev"]:
-                c["idle"] += (start - c["prev"]) / 1e6
-            c["prev"] = end
+            c = channels.setdefault(chan, {"first": start, "last": None, "bytes": 0,
+                                           "busy": 0.0, "jobs": 0, "idle": 0.0})
+            if c["last"] is not None and start > c["last"]:
+                c["idle"] += (start - c["last"]) / 1e6
             c["last"] = end
             c["bytes"] += n
             c["busy"] += (end - start) / 1e6
@@ -186,13 +184,7 @@ def render(result: dict[str, Any]) -> str:
 async def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mfm-timeline-"))
     src_path, dst_path = workdir / "src.timeline", workdir / "dst.timeline"
-    if args.ram:
-        devices: list[str] = []
-        src_args = ["--memory", f"{args.ram},fill=random"]
-        dst_args = ["--memory", args.ram]
-    else:
-        devices = [f"vfio-sim,id=dev{i},state-size={args.state}" for i in range(args.devices)]
-        src_args, dst_args = [], []
+    devices, src_args, dst_args = vm_args(args.ram, args.devices, args.state)
     try:
         async with daemon_pair(devices, src_args=[*src_args, "--timeline", str(src_path)],
                                dst_args=[*dst_args, "--timeline", str(dst_path)]) as (src, dst):

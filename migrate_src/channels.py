@@ -439,19 +439,18 @@ class MultifdSender:
                 job = chan.jobs.get()
                 if job is None:
                     return
-                start = time.perf_counter()
-                timeline = TIMELINE.events
-                started = time.monotonic_ns() if timeline is not None else 0
+                started = time.monotonic_ns()
                 parts = job.build(self, chan)
                 try:
                     n = send_all(chan.sock, parts, chan.stopper, self.stall_timeout, what)
                 except OSError as exc:
                     raise ChannelError(f"{what}: send failed: {exc.strerror or exc}",
                                        channel=str(chan.id)) from exc
+                ended = time.monotonic_ns()
+                timeline = TIMELINE.events
                 if timeline is not None:
-                    timeline.append((time.monotonic_ns(), name, "sent", chan.id, started, n,
-                                     job.kind))
-                self._done.append((chan, job, n, time.perf_counter() - start, trace))
+                    timeline.append((ended, name, "sent", chan.id, started, n, job.kind))
+                self._done.append((chan, job, n, (ended - started) / 1e9, trace))
                 if not self._wake_pending and (chan.jobs.qsize() < WAKE_BELOW
                                                or job.urgent):
                     # one wake-up of the loop for every few jobs finished meanwhile

@@ -35,7 +35,7 @@ from migrate_common.net import Buffer, drop_sent, stall_error
 from protocol.errors import ChannelError
 
 __all__ = ["Stopper", "Stopped", "LoopWaker", "ThreadSignal", "hand_to_thread", "send_all",
-           "recv_into", "size_buffers"]
+           "recv_into", "recv_into_many", "filled_bytes", "size_buffers"]
 
 
 class ThreadSignal:
@@ -260,6 +260,42 @@ def recv_into(sock: socket.socket, view: memoryview, stopper: Stopper,
         if tls and sock.pending():
             continue
         stopper.wait(sock, events, None)
+
+
+#: Most views one scatter receive takes (Linux's IOV_MAX); the rest waits for the next.
+IOV_MAX = 1024
+
+
+def recv_into_many(sock: socket.socket, views: list[memoryview], stopper: Stopper) -> int:
+    """One receive that fills ``views`` in order, waiting until all of them are full
+    (or EOF); 0 at EOF.  One system call for a RAM packet of scattered pages, where a
+    receive per page would cost a call — and, when its data has not come yet, a sleep
+    and a wake-up — for every 4 KiB.  TLS sockets have no scatter receive: they take
+    the first view only."""
+    if len(views) == 1 or isinstance(sock, ssl.SSLSocket):
+        return recv_into(sock, views[0], stopper, True)
+    try:
+        n = sock.recvmsg_into(views[:IOV_MAX], 0, socket.MSG_WAITALL)[0]
+    except OSError:
+        if stopper.stopped:
+            raise Stopped from None
+        raise
+    if stopper.stopped:
+        raise Stopped
+    return n
+
+
+def filled_bytes(views: list[memoryview], n: int) -> memoryview | bytes:
+    """The first ``n`` bytes a receive put into ``views``, in order."""
+    if n <= len(views[0]):
+        return views[0][:n]
+    parts = []
+    for view in views:
+        parts.append(view[:n])
+        n -= len(parts[-1])
+        if not n:
+            break
+    return b"".join(parts)
 
 
 #: ``x-socket-buffer-size=-1`` (auto) for a multifd socket whose peer is on the same

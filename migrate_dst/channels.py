@@ -24,7 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from migrate_common.log import TRACE
-from migrate_common.threadio import Stopped, Stopper, hand_to_thread, recv_into
+from migrate_common.threadio import (Stopped, Stopper, filled_bytes, hand_to_thread, recv_into,
+                                     recv_into_many)
 from migrate_common.timeline import TIMELINE
 from protocol.channel import (
     ChannelClosed,
@@ -154,20 +155,23 @@ class ReceiveChannel:
         ram = self.ram
         try:
             while True:
-                view = decoder.buffer()
-                body = decoder.receiving_body
-                if not body:
-                    # bytes read with a header are copied into their payload in Python
-                    # (holding the GIL): take little more than the largest header
-                    view = view[:HEADER_READ]
                 try:
-                    n = recv_into(self.sock, view, stopper, body)
+                    if decoder.receiving_body:
+                        # a payload, maybe the scattered runs of pages of a RAM packet
+                        views = decoder.buffers()
+                        n = recv_into_many(self.sock, views, stopper)
+                    else:
+                        # bytes read with a header are copied into their payload in
+                        # Python (holding the GIL): take little more than the largest
+                        # header
+                        views = [decoder.buffer()[:HEADER_READ]]
+                        n = recv_into(self.sock, views[0], stopper)
                 except OSError as exc:
                     raise ChannelError(f"multifd channel {self.id}: receive failed: "
                                        f"{exc.strerror or exc}", channel=str(self.id)) from exc
                 self.bytes += n
                 if self.recorder is not None and n:
-                    self.recorder.record(name, view[:n])
+                    self.recorder.record(name, filled_bytes(views, n))
                 for event in decoder.eof() if n == 0 else decoder.advance(n):
                     if isinstance(event, (DeviceStateReceived, RamPacketReceived)):
                         self.packets += 1

@@ -10,7 +10,12 @@ byte stream into parse steps, so that :class:`protocol.channel.ChannelDecoder` a
   the subclass provides (a "sink"): bytes that already sit in the internal buffer are
   copied over once, and from then on :meth:`StreamDecoder.buffer` hands out the rest
   of the sink itself, so the bulk of the data is written by the kernel exactly where
-  it will be used.
+  it will be used;
+* a body may also go to several sinks in a row (the scattered pages of one RAM
+  packet, each run of pages at its own place in guest memory):
+  :meth:`StreamDecoder.buffers` then hands out all that is left of them at once, so a
+  receiver fills them with one scatter receive (``recvmsg_into``) instead of one
+  receive, and one trip through the decoder, per run.
 
 The internal buffer is allocated once and never grows; sinks are sized by the subclass
 from lengths it has already validated.  Nothing here does I/O.
@@ -75,6 +80,10 @@ class StreamDecoder(Generic[E]):
         self._end = 0  # end of the received bytes in the internal buffer
         self._sink: memoryview | None = None
         self._sink_filled = 0
+        # the sinks after the current one, for a body spread over several
+        self._chain: list[memoryview] = []
+        self._chain_at = 0
+        self._chain_left = 0  # bytes in self._chain[self._chain_at:]
         self._state = _OPEN
         self._failure = ""
         self._bytes_received = 0
@@ -111,6 +120,21 @@ class StreamDecoder(Generic[E]):
         self._sink = view
         self._sink_filled = 0
 
+    def _start_sinks(self, views: list[memoryview]) -> None:
+        """Receive one body into ``views`` (non-empty, none of them empty), filled in
+        order; :meth:`_sink_done` follows once, when the last one is full."""
+        self._sink = views[0]
+        self._sink_filled = 0
+        if len(views) > 1:
+            self._chain = views
+            self._chain_at = 1
+            self._chain_left = sum(map(len, views)) - len(views[0])
+
+    def _body_left(self) -> int:
+        """Bytes of the body being received that are still missing (0 between bodies)."""
+        sink = self._sink
+        return len(sink) - self._sink_filled + self._chain_left if sink is not None else 0
+
     # -- public API ----------------------------------------------------------------
 
     @property
@@ -131,21 +155,27 @@ class StreamDecoder(Generic[E]):
             return self._sink[self._sink_filled :]
         return self._view[self._end :]
 
+    def buffers(self) -> list[memoryview]:
+        """Like :meth:`buffer`, but while a body spread over several sinks is being
+        received, every sink that is left of it, in stream order: a receiver may fill
+        them with one scatter receive and pass the total to :meth:`advance`."""
+        first = self.buffer()
+        if self._sink is None or self._chain_at >= len(self._chain):
+            return [first]
+        return [first, *self._chain[self._chain_at :]]
+
     def advance(self, nbytes: int) -> list[E]:
-        """``nbytes`` were written at the start of the last :meth:`buffer`."""
+        """``nbytes`` were written at the start of the last :meth:`buffer` (or, in
+        order, into the views of the last :meth:`buffers`)."""
         self._check_open()
-        room = (
-            len(self._sink) - self._sink_filled if self._sink is not None else len(self._buf) - self._end
-        )
+        room = self._body_left() if self._sink is not None else len(self._buf) - self._end
         if type(nbytes) is not int or not 0 <= nbytes <= room:
-            raise ConfigError(f"advance({nbytes!r}): must be 0..{room}, the size of buffer()")
+            raise ConfigError(f"advance({nbytes!r}): must be 0..{room}, the size of buffers()")
         self._bytes_received += nbytes
         events: list[E] = []
         try:
             if self._sink is not None:
-                self._sink_filled += nbytes
-                if self._sink_filled == len(self._sink):
-                    self._finish_sink(events)
+                self._fill_sinks(nbytes, events)
             else:
                 self._end += nbytes
             self._parse(events)
@@ -189,11 +219,34 @@ class StreamDecoder(Generic[E]):
         if self._state == _FAILED:
             raise SequenceError(f"stream decoder used after an error ({self._failure})")
 
+    def _fill_sinks(self, nbytes: int, events: list[E]) -> None:
+        """``nbytes`` (at most :meth:`_body_left`) more bytes of the body arrived."""
+        sink = self._sink
+        assert sink is not None
+        filled = self._sink_filled + nbytes
+        chain = self._chain
+        if chain and nbytes == len(sink) - self._sink_filled + self._chain_left:
+            self._finish_sink(events)  # the rest of the body came in one receive
+            return
+        while filled >= len(sink):
+            if self._chain_at >= len(chain):
+                self._finish_sink(events)
+                return
+            filled -= len(sink)
+            sink = chain[self._chain_at]
+            self._chain_at += 1
+            self._chain_left -= len(sink)
+        self._sink = sink
+        self._sink_filled = filled
+
     def _finish_sink(self, events: list[E]) -> None:
         sink = self._sink
         assert sink is not None
         self._sink = None
         self._sink_filled = 0
+        if self._chain:
+            self._chain = []
+            self._chain_at = self._chain_left = 0
         self._sink_done(sink, events)
 
     def _parse(self, events: list[E]) -> None:
@@ -208,9 +261,7 @@ class StreamDecoder(Generic[E]):
                     self._start : self._start + take
                 ]
                 self._start += take
-                self._sink_filled += take
-                if self._sink_filled == len(self._sink):
-                    self._finish_sink(events)
+                self._fill_sinks(take, events)
                 continue
             want = self._want()
             if available < want:

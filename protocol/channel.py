@@ -95,6 +95,9 @@ _EMPTY = memoryview(b"")
 
 def _target_view(target: memoryview) -> memoryview:
     """Check a ``ram_target`` view like an allocated buffer (writable flat bytes)."""
+    if (type(target) is memoryview and target.format == "B" and not target.readonly
+            and target.c_contiguous and target.ndim == 1):
+        return target  # what GuestRam gives: a slice of a block (checked in one step)
     return claim_buffer(lambda _size: target, len(target))
 
 
@@ -144,7 +147,6 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
         self._device_target = device_target
         self._device_prefix = device_prefix
         self._device_buf: memoryview | None = None  # the whole payload, when allocated
-        self._targets: list[memoryview] = []  # the rest of an in-place payload, reversed
         self._in_place = False
         self._page_count = ram_page_count(page_size)
         self._page_size = page_size
@@ -237,10 +239,8 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
                     if sum(len(v) for v in views) != packet.next_packet_size or not views:
                         raise ConfigError(f"ram_target gave {sum(len(v) for v in views)} bytes "
                                           f"for a {packet.next_packet_size}-byte payload")
-                    views.reverse()
-                    self._targets = views
                     self._in_place = True
-                    self._start_sink(self._targets.pop())
+                    self._start_sinks(views)
 
     def _device_prefix_received(self, prefix: memoryview) -> None:
         header = self._device
@@ -274,9 +274,6 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
             self._device = None
         else:
             assert self._ram is not None
-            if self._targets:  # the next run of pages of an in-place payload
-                self._start_sink(self._targets.pop())
-                return
             if self._in_place:
                 events.append(RamPacketReceived(self._ram, _EMPTY, in_place=True))
             else:
@@ -307,10 +304,7 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
             assert self._ram is not None
             total = self._ram.next_packet_size
             if self._in_place:
-                current = self._sink
-                left = sum(len(t) for t in self._targets)
-                left += (len(current) - sink_filled) if current is not None else 0
-                return stage.value, total - left, total
+                return stage.value, total - self._body_left(), total
             return stage.value, sink_filled, total
         return stage.value, buffered, self._want()
 

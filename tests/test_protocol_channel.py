@@ -87,15 +87,23 @@ EXPECTED = [
 ]
 
 
-def feed_chunked(decoder: ChannelDecoder, data: bytes, sizes: list[int]) -> list[ChannelEvent]:
-    """Write ``data`` through buffer()/advance() in pieces of the given sizes (cycled)."""
+def feed_chunked(decoder: ChannelDecoder, data: bytes, sizes: list[int],
+                 scatter: bool = False) -> list[ChannelEvent]:
+    """Write ``data`` through buffer()/advance() in pieces of the given sizes (cycled);
+    with ``scatter`` through buffers(), a piece spreading over its views in order, as
+    one scatter receive (``recvmsg_into``) fills them."""
     events: list[ChannelEvent] = []
     pos, i = 0, 0
     while pos < len(data):
-        target = decoder.buffer()
-        assert len(target) > 0
-        take = min(len(target), sizes[i % len(sizes)], len(data) - pos)
-        target[:take] = data[pos : pos + take]
+        targets = decoder.buffers() if scatter else [decoder.buffer()]
+        assert all(len(t) > 0 for t in targets)
+        take = min(sum(map(len, targets)), sizes[i % len(sizes)], len(data) - pos)
+        left, at = take, pos
+        for target in targets:
+            n = min(left, len(target))
+            target[:n] = data[at : at + n]
+            left -= n
+            at += n
         events.extend(decoder.advance(take))
         pos += take
         i += 1
@@ -657,9 +665,9 @@ def ram_streams(draw: st.DrawFn) -> tuple[list[RamPacket], bytes]:
 
 @settings(max_examples=80, deadline=None)
 @given(ram_streams(), st.lists(st.integers(1, 9000), min_size=1, max_size=20),
-       st.sampled_from([None, 1000, 4096, 5000]))
+       st.sampled_from([None, 1000, 4096, 5000]), st.booleans())
 def test_in_place_and_buffer_paths_write_the_same_bytes(
-    case: tuple[list[RamPacket], bytes], sizes: list[int], piece: int | None
+    case: tuple[list[RamPacket], bytes], sizes: list[int], piece: int | None, scatter: bool
 ) -> None:
     packets, data = case
     # buffer path: the caller copies each payload to its offsets
@@ -671,7 +679,8 @@ def test_in_place_and_buffer_paths_write_the_same_bytes(
             by_buffer[offset : offset + PAGE] = event.payload[i * PAGE : (i + 1) * PAGE]
     # in-place path: the decoder receives straight into the guest's views
     guest = Guest(piece=piece)
-    in_place = feed_chunked(ChannelDecoder(expect_init=False, ram_target=guest), data, sizes)
+    in_place = feed_chunked(ChannelDecoder(expect_init=False, ram_target=guest), data, sizes,
+                            scatter)
     assert [e.packet for e in in_place] == [e.packet for e in events] == packets  # type: ignore[union-attr]
     for event in in_place:
         assert isinstance(event, RamPacketReceived)
@@ -679,6 +688,40 @@ def test_in_place_and_buffer_paths_write_the_same_bytes(
         assert event.payload.nbytes == 0
     assert guest.calls == [p for p in packets if p.next_packet_size]
     assert guest.mem == by_buffer
+
+
+def test_buffers_hands_out_every_run_left_of_an_in_place_payload() -> None:
+    guest = Guest(piece=3000)  # RAM's two runs of a page each, in pieces of 3000 bytes
+    decoder = ChannelDecoder(ram_target=guest)
+    assert decoder.buffers() == [decoder.buffer()]  # not in a body: the internal buffer
+    decoder.feed(INIT.encode() + RAM.encode(128) + PAGES[:100])
+    assert [len(v) for v in decoder.buffers()] == [2900, 1096, 3000, 1096]
+    views = decoder.buffers()
+    data = PAGES[100:5000]  # ends 904 bytes into the second run's first piece
+    views[0][:] = data[:2900]
+    views[1][:] = data[2900:3996]
+    views[2][:904] = data[3996:]
+    assert decoder.advance(len(data)) == []
+    assert [len(v) for v in decoder.buffers()] == [2096, 1096]
+    with pytest.raises(ConfigError, match=r"advance\(3193\): must be 0..3192"):
+        decoder.advance(3193)
+
+
+def test_buffers_filled_in_one_advance_complete_the_packet() -> None:
+    guest = Guest(piece=1000)
+    decoder = ChannelDecoder(ram_target=guest)
+    decoder.feed(INIT.encode() + RAM.encode(128))
+    views = decoder.buffers()
+    assert len(views) == 10 and sum(map(len, views)) == 2 * PAGE
+    pos = 0
+    for view in views:
+        view[:] = PAGES[pos : pos + len(view)]
+        pos += len(view)
+    (event,) = decoder.advance(2 * PAGE)
+    assert event == RamPacketReceived(RAM, memoryview(b""), in_place=True)
+    assert guest.mem[0x1000:0x2000] + guest.mem[0x5000:0x6000] == PAGES
+    assert not decoder.receiving_body and decoder.buffers() == [decoder.buffer()]
+    assert plain(decoder.feed(stream()[RAM_PAYLOAD_AT + 2 * PAGE :])) == EXPECTED[3:]
 
 
 @pytest.mark.parametrize("empty_at", [0, 1, 2])

@@ -22,7 +22,9 @@ from migrate_common.threadio import (
     Stopper,
     buffer_size,
     hand_to_thread,
+    filled_bytes,
     recv_into,
+    recv_into_many,
     send_all,
     size_buffers,
 )
@@ -228,6 +230,48 @@ def test_recv_into_whole_fills_the_view(kind: str) -> None:
         assert recv_into(b, view, stopper, whole=True) == 0
         assert recv_into(b, view, stopper) == 0
         stopper.close()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_recv_into_many_fills_the_views_in_order(kind: str) -> None:
+    data = bytes(range(256)) * 40  # 10240 bytes, sent in dribbles
+    sizes = [1, 4096, 3000, 7, 3136]
+    with connected(kind) as (a, b):
+        hand_to_thread(b)
+        stopper = Stopper(b)
+
+        def dribble() -> None:
+            for i in range(0, len(data), 1000):
+                a.sendall(data[i : i + 1000])
+                time.sleep(0.01)
+
+        writer = InThread(dribble)
+        mem = memoryview(bytearray(len(data)))
+        views, at = [], 0
+        for size in sizes:
+            views.append(mem[at : at + size])
+            at += size
+        # one call waits for all of them, like recv_into(whole=True) for one view
+        assert recv_into_many(b, views, stopper) == len(data)
+        assert mem == data and filled_bytes(views, len(data)) == data
+        writer.result()
+        # at EOF: what there is, then 0
+        a.sendall(b"last!")
+        a.shutdown(socket.SHUT_WR)
+        assert recv_into_many(b, views, stopper) == 5 and filled_bytes(views, 5) == b"last!"
+        assert mem[:2] == b"la" and mem[1:4] == b"ast"  # the first view holds one byte
+        assert recv_into_many(b, views, stopper) == 0
+        stopper.close()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_stop_wakes_a_thread_blocked_in_recv_into_many(kind: str) -> None:
+    with connected(kind) as (a, b):
+        hand_to_thread(b)
+        stopper = Stopper(b)
+        mem = memoryview(bytearray(1000))
+        a.sendall(b"x" * 10)  # part of what MSG_WAITALL waits for
+        assert_stop_wakes(stopper, lambda: recv_into_many(b, [mem[:500], mem[500:]], stopper))
 
 
 def test_recv_into_partial_without_whole() -> None:

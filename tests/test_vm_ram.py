@@ -443,6 +443,14 @@ def test_write_pages_and_zero_pages():
     dst.zero_pages(block, [5 * PS])  # now received: memset
     assert is_zero_page(block.page(5))
     assert dst.received_pages() == 5
+    # a page named twice in one packet counts once; one named alone is counted too
+    dst.zero_pages(block, [6 * PS, 7 * PS, 6 * PS])
+    assert dst.received_pages() == 7
+    dst.zero_pages(block, [8 * PS])
+    assert dst.received_pages() == 8
+    block.page(8)[:] = b"\x01" * PS
+    dst.zero_pages(block, [8 * PS, 6 * PS, 10 * PS])  # received ones among fresh ones
+    assert is_zero_page(block.page(8)) and dst.received_pages() == 9
 
     dst.reset_received()
     assert dst.received_pages() == 0
@@ -835,6 +843,23 @@ def test_every_writer_invalidates_its_chunks(small_chunks: list[int], writer: st
         guest.written(block, offsets)
     assert guest.digest() == guest.digest(fresh=True)
     assert small_chunks.count(64 * KiB) == 1 + 16            # one cached pass, one fresh
+
+
+@pytest.mark.parametrize("writer", ["write_pages", "receive_targets"])
+def test_scattered_pages_invalidate_exactly_their_chunks(small_chunks: list[int],
+                                                         writer: str) -> None:
+    guest = ram("1M", role="destination")
+    block = guest.blocks[MAIN_BLOCK]
+    offsets = [90 * PS, 20 * PS, 21 * PS, 50 * PS]            # chunks 5, 1, 1, 3
+    guest.digest()
+    small_chunks.clear()
+    if writer == "write_pages":
+        guest.write_pages(block, offsets, b"\x05" * (4 * PS))
+    else:
+        for view in guest.receive_targets(block, offsets):
+            view[:] = b"\x06" * len(view)
+    assert guest.digest() == guest.digest(fresh=True)
+    assert len(small_chunks) == 3 + 16                       # chunks 1, 3, 5; then fresh
 
 
 def test_a_write_during_a_hash_is_not_cached(small_chunks: list[int],

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import reduce
-from operator import or_
+from operator import itemgetter, or_
 from pathlib import Path
 from typing import Final, Literal
 
@@ -1040,8 +1040,17 @@ class GuestRam:
         return [view[start:stop] for _, _, start, stop in runs]
 
     def _mark_runs(self, block: RamBlock, runs: list[tuple[int, int, int, int]]) -> None:
-        for run in runs:  # (before a receive into them; after a write_pages copy)
-            self._touch(block, run[2], run[3])
+        # (before a receive into them; after a write_pages copy)
+        if not runs:
+            return
+        lo, hi = runs[0][2], runs[-1][3]
+        if len(runs) > 1:
+            lo, hi = min(lo, *(r[2] for r in runs)), max(hi, *(r[3] for r in runs))
+        if lo // DIGEST_CHUNK == (hi - 1) // DIGEST_CHUNK:
+            self._touch(block, lo, hi)  # the usual packet: all in one digest chunk
+        else:
+            for run in runs:
+                self._touch(block, run[2], run[3])
         received = self._received
         base = block.base_page
         ones = self._ones_view
@@ -1068,20 +1077,28 @@ class GuestRam:
         """
         self._own(block)
         self._check_offsets(block, offsets)
-        view = block.view
+        if not offsets:
+            return
         received = self._received
         base = block.base_page
         ps = self.page_size
-        fresh = 0
-        for offset in offsets:
-            index = base + offset // ps
-            if received[index]:
-                view[offset : offset + ps] = ZERO_PAGE
-            else:
-                received[index] = 1
-                fresh += 1
-        with self._count_lock:
-            self._received_count += fresh
+        pages = [base + offset // ps for offset in offsets]
+        # one C-level gather of the pages' received flags; the Python loops below
+        # only run over the pages that need them
+        seen = itemgetter(*pages)(received) if len(pages) > 1 else (received[pages[0]],)
+        fresh = seen.count(0)
+        if fresh != len(pages):
+            view = block.view
+            for offset, was in zip(offsets, seen, strict=True):
+                if was:
+                    view[offset : offset + ps] = ZERO_PAGE
+        if fresh:
+            if fresh > 1 and len(set(pages)) != len(pages):  # a page named twice
+                fresh = len({page for page, was in zip(pages, seen, strict=True) if not was})
+            for page in pages:
+                received[page] = 1
+            with self._count_lock:
+                self._received_count += fresh
         self.written(block, offsets)
 
     def reset_received(self) -> None:

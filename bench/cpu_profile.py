@@ -45,6 +45,7 @@ from bench.harness import daemon_pair, digests_match, migrate  # noqa: E402
 
 KINDS = {
     "ram": ([], ["--memory", "2G,fill=random"], ["--memory", "2G"]),
+    "ram-mixed": ([], ["--memory", "2G,fill=mixed"], ["--memory", "2G"]),
     "devices": ([f"vfio-sim,id=dev{i},state-size=512M" for i in range(4)], [], []),
 }
 

@@ -184,7 +184,7 @@ def render(result: dict[str, Any]) -> str:
 async def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mfm-timeline-"))
     src_path, dst_path = workdir / "src.timeline", workdir / "dst.timeline"
-    devices, src_args, dst_args = vm_args(args.ram, args.devices, args.state)
+    devices, src_args, dst_args = vm_args(args.ram, args.devices, args.state, args.workload)
     try:
         async with daemon_pair(devices, src_args=[*src_args, "--timeline", str(src_path)],
                                dst_args=[*dst_args, "--timeline", str(dst_path)]) as (src, dst):
@@ -224,6 +224,9 @@ def main() -> None:
     what.add_argument("--ram", metavar="SIZE", help="guest RAM of random content, no devices")
     what.add_argument("--devices", type=int, default=4, help="vfio-sim devices (default 4)")
     ap.add_argument("--state", default="64M", help="state size of each device (default 64M)")
+    ap.add_argument("--workload", metavar="SPEC",
+                    help="with --ram: a guest writing RAM on the source during the "
+                         "migration, e.g. dirty-rate=64M,pattern=hotspot")
     ap.add_argument("--channels", type=int, default=4, help="multifd channels; 0 = main only")
     ap.add_argument("--slice", type=float, default=5.0, help="ms per table row (default 5)")
     ap.add_argument("--out", metavar="DIR", help="keep the raw timelines and the sample here")

@@ -617,6 +617,18 @@ def test_split_zero_pages_agrees_with_is_zero_page(case):
     assert sorted(normal + zero) == sorted(i * PS for i in pages)
 
 
+@settings(max_examples=200)
+@given(marked_pages(), st.integers(0, 11), st.integers(0, 12))
+def test_split_zero_pages_of_a_run_agrees_with_is_zero_page(case, start, length):
+    """A batch that is a ``range`` (the first round's) takes the stretch-wise path."""
+    npages, marks, _ = case
+    view, words = memory_with(marks, npages)
+    pages = range(min(start, npages), min(start + length, npages))
+    normal, zero = split_zero_pages(view, pages, PS, words)
+    assert normal == [i * PS for i in pages if not is_zero_page(view[i * PS : (i + 1) * PS])]
+    assert zero == [i * PS for i in pages if is_zero_page(view[i * PS : (i + 1) * PS])]
+
+
 @pytest.mark.parametrize(("data", "expected"), [
     (b"", False),
     (bytes(8), True),

@@ -126,6 +126,9 @@ def run_is_normal(words: memoryview, first: int, n: int, page_size: int) -> bool
 
 
 _ZERO_WORD: Final = bytes(8)
+#: zeros to compare a stretch of pages of one RAM packet with (128 pages of 4 KiB;
+#: longer stretches, of larger pages, are compared page by page)
+_ZERO_RUN: Final = bytes(512 * 1024)
 
 
 def has_zero_word(data: bytes) -> bool:
@@ -153,11 +156,13 @@ def split_zero_pages(view: memoryview, pages: Sequence[int], page_size: int,
     step = page_size // 8
     n = len(pages)
     first = pages[0] if n else 0
-    if n > 1 and pages[-1] - first == n - 1 and tuple(pages) == tuple(range(first, first + n)):
+    if n > 1 and ((type(pages) is range and pages.step == 1) or (
+            pages[-1] - first == n - 1 and tuple(pages) == tuple(range(first, first + n)))):
         # a run (the usual case): when no page starts with a zero word, every page
         # is normal — no Python loop over the pages
         if run_is_normal(words, first, n, page_size):
             return list(range(first * page_size, (first + n) * page_size, page_size)), zero
+        return _split_run(view, first, n, page_size, words)
     for index in pages:
         w = index * step
         off = index * page_size
@@ -165,6 +170,40 @@ def split_zero_pages(view: memoryview, pages: Sequence[int], page_size: int,
             normal.append(off)
         else:
             zero.append(off)
+    return normal, zero
+
+
+def _split_run(view: memoryview, first: int, n: int, page_size: int,
+               words: memoryview) -> tuple[list[int], list[int]]:
+    """:func:`split_zero_pages` of the ``n`` pages from index ``first``, some of which
+    start with a zero word: their first words gathered in C, and each stretch of
+    such pages compared with zeros in one go (in guest RAM that mixes data and zero
+    pages, zero pages come in stretches)."""
+    step = page_size // 8
+    lo = first * step
+    heads = words[lo:lo + n * step:step].tolist()
+    base = first * page_size
+    normal: list[int] = []
+    zero: list[int] = []
+    i = 0
+    while i < n:
+        if heads[i]:
+            normal.append(base + i * page_size)
+            i += 1
+            continue
+        j = i + 1
+        while j < n and not heads[j]:
+            j += 1
+        start, stop = base + i * page_size, base + j * page_size
+        if _ZERO_RUN.startswith(view[start:stop]):
+            zero.extend(range(start, stop, page_size))
+        else:  # a page that starts with a zero word but is not all zero
+            for off in range(start, stop, page_size):
+                if ZERO_PAGE.startswith(view[off:off + page_size]):
+                    zero.append(off)
+                else:
+                    normal.append(off)
+        i = j
     return normal, zero
 
 

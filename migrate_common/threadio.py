@@ -187,8 +187,11 @@ def send_all(sock: socket.socket, buffers: Sequence[Buffer], stopper: Stopper,
     A peer that accepts no byte at all for ``stall_timeout`` seconds raises
     :class:`ChannelError`; slow is fine, stalled is not.
     """
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    total = sum(len(v) for v in views)
+    # byte views, so that lengths count bytes (a RAM job of scattered pages has a
+    # view per run of pages: those are byte views already, and pass as they are)
+    views = [b if type(b) is memoryview and b.format == "B" and b.ndim == 1
+             else memoryview(b).cast("B") for b in buffers if len(b)]
+    total = sum(map(len, views))
     if isinstance(sock, ssl.SSLSocket):
         _ssl_send_all(sock, views, stopper, stall_timeout, what)
         return total

@@ -156,8 +156,10 @@ class RamLoadHandler:
         :meth:`load_packet` rejects or copies it) before the RAM setup record."""
         if not self.setup_seen:
             return None
+        # (decoded against the blocks' sizes: the decoder checked the offsets)
         return self.ram.receive_targets(self.ram.blocks[packet.ramblock],
-                                        packet.normal_offsets, packet.normal_run)
+                                        packet.normal_offsets, packet.normal_run,
+                                        validated=True)
 
     def _count(self, normal: int, zero: int, packets: int = 0) -> None:
         with self._count_lock:
@@ -196,7 +198,7 @@ class RamLoadHandler:
             elif packet.normal_pages:  # received in place: the digest must see them
                 self.ram.written(block, packet.normal_offsets, packet.normal_run)
             if packet.zero_pages:
-                self.ram.zero_pages(block, packet.zero_offsets)
+                self.ram.zero_pages(block, packet.zero_offsets, validated=True)
         self._count(packet.normal_pages, packet.zero_pages, 1)
 
     def stats(self) -> dict[str, Any]:

@@ -1057,11 +1057,13 @@ class GuestRam:
         self._mark_runs(block, runs)
 
     def receive_targets(self, block: RamBlock, offsets: Sequence[int],
-                        run: bool = False) -> list[memoryview]:
+                        run: bool = False, validated: bool = False) -> list[memoryview]:
         """Where the pages at ``offsets`` go, as views of guest memory (one per run of
         consecutive pages), for a receiver that fills them straight from its socket.
         ``run``: the caller knows the offsets are consecutive (a decoded packet's
-        ``normal_run``), so only the ends are looked at.
+        ``normal_run``), so only the ends are looked at.  ``validated``: the offsets
+        were checked against this block already (a packet decoded with its
+        ``block_size``), so they are not checked again.
 
         The pages are marked received first, so even if the receive is cut short they
         count as possibly holding data (a later zero page for them is then written).
@@ -1073,7 +1075,8 @@ class GuestRam:
             runs = [(0, len(offsets), offsets[0], offsets[-1] + self.page_size)]
         else:
             runs = page_runs(offsets, self.page_size)
-        self._check_runs(block, offsets, runs)
+        if not validated:
+            self._check_runs(block, offsets, runs)
         view = block.view
         self._mark_runs(block, runs)
         return [view[start:stop] for _, _, start, stop in runs]
@@ -1108,14 +1111,17 @@ class GuestRam:
         with self._count_lock:
             self._received_count += fresh
 
-    def zero_pages(self, block: RamBlock, offsets: Sequence[int]) -> None:
+    def zero_pages(self, block: RamBlock, offsets: Sequence[int],
+                   validated: bool = False) -> None:
         """Apply zero pages: memset only pages received before; mark all received.
 
         Fresh destination memory is already zero (QEMU's optimisation), so a
-        never-received page is left alone.
+        never-received page is left alone.  ``validated``: as for
+        :meth:`receive_targets`.
         """
         self._own(block)
-        self._check_offsets(block, offsets)
+        if not validated:
+            self._check_offsets(block, offsets)
         if not offsets:
             return
         received = self._received

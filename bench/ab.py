@@ -97,7 +97,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="+", type=parse_variant, metavar="NAME=JSON")
     what = ap.add_mutually_exclusive_group()
-    what.add_argument("--ram", metavar="SIZE", help="guest RAM of random content, no devices")
+    what.add_argument("--ram", metavar="SIZE",
+                      help="guest RAM of random content, no devices (SIZE,fill=mixed: "
+                           "half the pages zero)")
     what.add_argument("--devices", type=int, default=4, help="vfio-sim devices (default 4)")
     ap.add_argument("--workload", metavar="SPEC",
                     help="with --ram: a guest dirtying its RAM, e.g. dirty-rate=200M")

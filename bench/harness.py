@@ -375,14 +375,15 @@ async def start_daemon(side: str, workdir: Path, args: list[str], launch: Launch
 
 def vm_args(ram: str | None, devices: int, state: str, workload: str | None = None
             ) -> tuple[list[str], list[str], list[str]]:
-    """The VM of the tools' ``--ram SIZE`` (random content, no devices; ``workload``
-    on the source) or ``--devices N --state SIZE`` options, for :func:`daemon_pair`:
-    (devices, source args, destination args)."""
+    """The VM of the tools' ``--ram SIZE[,fill=KIND]`` (random content unless said,
+    no devices; ``workload`` on the source) or ``--devices N --state SIZE`` options,
+    for :func:`daemon_pair`: (devices, source args, destination args)."""
     if ram:
-        src_args = ["--memory", f"{ram},fill=random"]
+        size, _, fill = ram.partition(",fill=")
+        src_args = ["--memory", f"{size},fill={fill or 'random'}"]
         if workload:
             src_args += ["--workload", workload]
-        return [], src_args, ["--memory", ram]
+        return [], src_args, ["--memory", size]
     return [f"vfio-sim,id=dev{i},state-size={state}" for i in range(devices)], [], []
 
 

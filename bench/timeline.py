@@ -221,7 +221,9 @@ async def run(args: argparse.Namespace) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     what = ap.add_mutually_exclusive_group()
-    what.add_argument("--ram", metavar="SIZE", help="guest RAM of random content, no devices")
+    what.add_argument("--ram", metavar="SIZE",
+                      help="guest RAM of random content, no devices (SIZE,fill=mixed: "
+                           "half the pages zero)")
     what.add_argument("--devices", type=int, default=4, help="vfio-sim devices (default 4)")
     ap.add_argument("--state", default="64M", help="state size of each device (default 64M)")
     ap.add_argument("--workload", metavar="SPEC",

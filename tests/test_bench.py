@@ -146,6 +146,15 @@ def test_ab_variants_parse():
             parse_variant(bad)
 
 
+def test_vm_args_of_the_tools_ram_and_devices_options():
+    from bench.harness import vm_args
+    assert vm_args("2G", 4, "64M") == ([], ["--memory", "2G,fill=random"], ["--memory", "2G"])
+    assert vm_args("2G,fill=mixed", 4, "64M", "dirty-rate=64M") == (
+        [], ["--memory", "2G,fill=mixed", "--workload", "dirty-rate=64M"], ["--memory", "2G"])
+    assert vm_args(None, 2, "8M") == (
+        ["vfio-sim,id=dev0,state-size=8M", "vfio-sim,id=dev1,state-size=8M"], [], [])
+
+
 def test_a_measured_point_without_any_pair_fails_its_ratio_target():
     from bench.scenarios import evaluate
 

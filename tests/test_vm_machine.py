@@ -59,11 +59,14 @@ def test_uuid() -> None:
 
 def test_default_vm() -> None:
     assert DEFAULT_DEVICE_OPTIONS == [
-        f"vfio-sim,id=dev{i},state-size=256M" for i in range(4)
+        f"vfio-sim,id=dev{i},state-size=256M,stop-copy-latency=50ms,read-bandwidth=2G"
+        for i in range(4)
     ]
     configs = default_device_configs()
     assert [c.id for c in configs] == ["dev0", "dev1", "dev2", "dev3"]
     assert all(c.state_size == 256 * MiB for c in configs)
+    assert all(c.stop_copy_latency == 0.05 and c.read_bandwidth == 2048 * MiB
+               for c in configs)
     # lazily generated: building the 1 GiB default VM is instant
     vm = VirtualMachine.from_options(DEFAULT_DEVICE_OPTIONS, role="source")
     assert vm.total_state_size == 1024 * MiB

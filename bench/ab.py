@@ -96,11 +96,11 @@ async def run(args: argparse.Namespace) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="+", type=parse_variant, metavar="NAME=JSON")
-    what = ap.add_mutually_exclusive_group()
-    what.add_argument("--ram", metavar="SIZE",
-                      help="guest RAM of random content, no devices (SIZE,fill=mixed: "
-                           "half the pages zero)")
-    what.add_argument("--devices", type=int, default=4, help="vfio-sim devices (default 4)")
+    ap.add_argument("--ram", metavar="SIZE",
+                    help="guest RAM of random content (SIZE,fill=mixed: half the pages "
+                         "zero); no devices unless --devices")
+    ap.add_argument("--devices", type=int,
+                    help="vfio-sim devices (default 4, or none with --ram)")
     ap.add_argument("--workload", metavar="SPEC",
                     help="with --ram: a guest dirtying its RAM, e.g. dirty-rate=200M")
     ap.add_argument("--state", default="512M", help="state size of each device (default 512M)")

@@ -373,18 +373,22 @@ async def start_daemon(side: str, workdir: Path, args: list[str], launch: Launch
         await asyncio.sleep(0.05)
 
 
-def vm_args(ram: str | None, devices: int, state: str, workload: str | None = None
+def vm_args(ram: str | None, devices: int | None, state: str, workload: str | None = None
             ) -> tuple[list[str], list[str], list[str]]:
-    """The VM of the tools' ``--ram SIZE[,fill=KIND]`` (random content unless said,
-    no devices; ``workload`` on the source) or ``--devices N --state SIZE`` options,
-    for :func:`daemon_pair`: (devices, source args, destination args)."""
-    if ram:
-        size, _, fill = ram.partition(",fill=")
-        src_args = ["--memory", f"{size},fill={fill or 'random'}"]
-        if workload:
-            src_args += ["--workload", workload]
-        return [], src_args, ["--memory", size]
-    return [f"vfio-sim,id=dev{i},state-size={state}" for i in range(devices)], [], []
+    """The VM of the tools' ``--ram SIZE[,fill=KIND]`` (random content unless said;
+    ``workload`` on the source) and ``--devices N --state SIZE`` options, for
+    :func:`daemon_pair`: (devices, source args, destination args).  Without
+    ``--devices`` a VM has 4 devices, or none when it has ``--ram``."""
+    if devices is None:
+        devices = 0 if ram else 4
+    device_options = [f"vfio-sim,id=dev{i},state-size={state}" for i in range(devices)]
+    if not ram:
+        return device_options, [], []
+    size, _, fill = ram.partition(",fill=")
+    src_args = ["--memory", f"{size},fill={fill or 'random'}"]
+    if workload:
+        src_args += ["--workload", workload]
+    return device_options, src_args, ["--memory", size]
 
 
 @contextlib.asynccontextmanager

@@ -9,6 +9,8 @@ stopped the VM:
   the source's channel threads were (100 % = every channel writing all the time),
   MB of device state received and loaded on the destination, RAM received;
 - per channel: its first and last write, bytes, busy and idle time in between;
+- per kind of job (RAM, device state, SYNC), before and after the VM stopped: the
+  channel time the jobs took, and so the rate a channel moves each kind at;
 - per channel on the destination: the time spent receiving device-state data and the
   time between packets (reading the next header and waiting until the headers of the
   packets before it, on other channels, have come).
@@ -18,6 +20,8 @@ stopped the VM:
     python bench/timeline.py --devices 4 --state 64M --channels 4
     python bench/timeline.py --devices 4 --state 512M --channels 16 --slice 20
     python bench/timeline.py --ram 2G --channels 4 --slice 50 --out /tmp/tl
+    python bench/timeline.py --ram 1G,fill=mixed --workload dirty-rate=64M,pattern=hotspot \
+        --devices 4 --state 256M --channels 4 --slice 20   # RAM and devices together
 
 ``--out DIR`` keeps the two raw timelines (JSON lines) and the sample.  A debug log
 line per packet (``--trace-packets``) would cost tens of microseconds each; the
@@ -97,11 +101,17 @@ def analyse(src: list[Event], dst: list[Event], slice_ms: float) -> dict[str, An
                             if e[2] == "checkpoint"])
     sl = Slices(t0, slice_ms)
     channels: dict[int, dict[str, Any]] = {}
+    kinds: dict[tuple[str, str], dict[str, float]] = {}
     for e in src:
         if e[2] == "queued":
             sl.add("queued", e[0])
         elif e[2] == "sent":
-            end, (chan, start, n, _kind) = e[0], e[3:7]
+            end, (chan, start, n, kind) = e[0], e[3:7]
+            k = kinds.setdefault(("live" if start < t0 else "stopped", kind),
+                                 {"jobs": 0, "MB": 0.0, "channel-ms": 0.0})
+            k["jobs"] += 1
+            k["MB"] += n / 1e6
+            k["channel-ms"] += (end - start) / 1e6
             sl.spread("sent MB", start, end, n / 1e6)
             sl.spread("busy", start, end, (end - start) / 1e6)
             c = channels.setdefault(chan, {"first": start, "last": None, "bytes": 0,
@@ -146,8 +156,11 @@ def analyse(src: list[Event], dst: list[Event], slice_ms: float) -> dict[str, An
         chan: {"first-ms": ms(c["first"]), "last-ms": ms(c["last"]), "MB": c["bytes"] / 1e6,
                "jobs": c["jobs"], "busy-ms": c["busy"], "idle-ms": c["idle"]}
         for chan, c in sorted(channels.items())}
+    jobs = [{"phase": phase, "kind": kind, **k,
+             "GBps-per-channel": k["MB"] / k["channel-ms"] if k["channel-ms"] else 0.0}
+            for (phase, kind), k in sorted(kinds.items())]
     return {"checkpoints": checkpoints, "slices": table, "channels": per_channel,
-            "receivers": dict(sorted(receivers.items()))}
+            "jobs": jobs, "receivers": dict(sorted(receivers.items()))}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -168,6 +181,14 @@ def render(result: dict[str, Any]) -> str:
         for chan, c in result["channels"].items():
             out.append(f"{chan:>7} {c['first-ms']:10.2f} {c['last-ms']:10.2f} {c['MB']:8.1f} "
                        f"{c['jobs']:6d} {c['busy-ms']:9.1f} {c['idle-ms']:9.1f}")
+    if result.get("jobs"):
+        out.append("")
+        out.append("source jobs by kind, while the VM ran (live) and once it stopped: the "
+                   "channel time they took")
+        out.append("phase    kind            jobs        MB  channel ms  GB/s per channel")
+        for j in result["jobs"]:
+            out.append(f"{j['phase']:<8} {j['kind']:<12} {j['jobs']:7.0f} {j['MB']:9.1f} "
+                       f"{j['channel-ms']:11.1f} {j['GBps-per-channel']:17.2f}")
     if result["receivers"]:
         out.append("")
         out.append("destination, device-state packets per channel: receiving their data, and "
@@ -220,11 +241,11 @@ async def run(args: argparse.Namespace) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    what = ap.add_mutually_exclusive_group()
-    what.add_argument("--ram", metavar="SIZE",
-                      help="guest RAM of random content, no devices (SIZE,fill=mixed: "
-                           "half the pages zero)")
-    what.add_argument("--devices", type=int, default=4, help="vfio-sim devices (default 4)")
+    ap.add_argument("--ram", metavar="SIZE",
+                    help="guest RAM of random content (SIZE,fill=mixed: half the pages "
+                         "zero); no devices unless --devices")
+    ap.add_argument("--devices", type=int,
+                    help="vfio-sim devices (default 4, or none with --ram)")
     ap.add_argument("--state", default="64M", help="state size of each device (default 64M)")
     ap.add_argument("--workload", metavar="SPEC",
                     help="with --ram: a guest writing RAM on the source during the "

@@ -148,11 +148,14 @@ def test_ab_variants_parse():
 
 def test_vm_args_of_the_tools_ram_and_devices_options():
     from bench.harness import vm_args
-    assert vm_args("2G", 4, "64M") == ([], ["--memory", "2G,fill=random"], ["--memory", "2G"])
-    assert vm_args("2G,fill=mixed", 4, "64M", "dirty-rate=64M") == (
+    assert vm_args("2G", None, "64M") == ([], ["--memory", "2G,fill=random"],
+                                          ["--memory", "2G"])
+    assert vm_args("2G,fill=mixed", None, "64M", "dirty-rate=64M") == (
         [], ["--memory", "2G,fill=mixed", "--workload", "dirty-rate=64M"], ["--memory", "2G"])
-    assert vm_args(None, 2, "8M") == (
-        ["vfio-sim,id=dev0,state-size=8M", "vfio-sim,id=dev1,state-size=8M"], [], [])
+    two = ["vfio-sim,id=dev0,state-size=8M", "vfio-sim,id=dev1,state-size=8M"]
+    assert vm_args(None, 2, "8M") == (two, [], [])
+    assert len(vm_args(None, None, "8M")[0]) == 4
+    assert vm_args("1G", 2, "8M") == (two, ["--memory", "1G,fill=random"], ["--memory", "1G"])
 
 
 def test_a_measured_point_without_any_pair_fails_its_ratio_target():
@@ -306,3 +309,39 @@ def test_timeline_slices_share_each_write_by_its_time():
                                      "busy-ms": 3.0, "idle-ms": 1.0}
     assert result["checkpoints"] == [(0.0, "source", "downtime-start"),
                                      (6.0, "destination", "vm-started")]
+    assert result["jobs"] == [{"phase": "stopped", "kind": "device-state", "jobs": 2,
+                               "MB": 4.0, "channel-ms": 3.0,
+                               "GBps-per-channel": pytest.approx(4 / 3)}]
+
+
+def test_timeline_jobs_by_kind_before_and_after_the_vm_stopped():
+    from bench.timeline import analyse, render
+
+    ms = 1_000_000
+    src = [[-3 * ms, "multifd-send-1", "sent", 1, -5 * ms, 500_000, "ram"],
+           [0, "MainThread", "checkpoint", "downtime-start"],
+           [2 * ms, "multifd-send-0", "sent", 0, 1 * ms, 100_000, "ram"],
+           [3 * ms, "multifd-send-1", "sent", 1, 1 * ms, 2_000_000, "device-state"],
+           [4 * ms, "multifd-send-0", "sent", 0, 3 * ms, 300_000, "ram"]]
+    result = analyse(src, [], 1.0)
+    assert result["jobs"] == [
+        {"phase": "live", "kind": "ram", "jobs": 1, "MB": 0.5, "channel-ms": 2.0,
+         "GBps-per-channel": 0.25},
+        {"phase": "stopped", "kind": "device-state", "jobs": 1, "MB": 2.0,
+         "channel-ms": 2.0, "GBps-per-channel": 1.0},
+        {"phase": "stopped", "kind": "ram", "jobs": 2, "MB": pytest.approx(0.4),
+         "channel-ms": 2.0, "GBps-per-channel": pytest.approx(0.2)}]
+    text = render(result)
+    assert "stopped  ram                2       0.4         2.0              0.20" in text
+
+
+def test_packet_cost_takes_scattered_pages_through_both_sides():
+    from bench.packet_cost import measure
+
+    for fill in ("mixed", "random"):
+        r = measure(fill, 8)  # asserts that the destination's RAM equals the source's
+        assert r["packets"] == 8 and r["source-us"] > 0 and r["destination-us"] > 0
+        if fill == "random":
+            assert r["runs-per-packet"] == 1 and r["normal-per-packet"] == 128
+        else:  # about half the pages zero, at random: many short runs
+            assert 20 < r["normal-per-packet"] < 108 and r["runs-per-packet"] > 10

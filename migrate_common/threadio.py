@@ -30,9 +30,12 @@ import ssl
 import struct
 import weakref
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from migrate_common.net import Buffer, drop_sent, stall_error
 from protocol.errors import ChannelError
+
+R = TypeVar("R")
 
 __all__ = ["Stopper", "Stopped", "LoopWaker", "ThreadSignal", "hand_to_thread", "send_all",
            "recv_into", "recv_into_many", "filled_bytes", "size_buffers"]
@@ -238,15 +241,8 @@ def recv_into(sock: socket.socket, view: memoryview, stopper: Stopper,
     ``whole`` a plain socket waits until all of ``view`` is filled (or EOF)."""
     tls = isinstance(sock, ssl.SSLSocket)
     if not tls:
-        try:
-            n = sock.recv_into(view, 0, socket.MSG_WAITALL if whole else 0)
-        except OSError:
-            if stopper.stopped:
-                raise Stopped from None
-            raise
-        if stopper.stopped:
-            raise Stopped
-        return n
+        return _blocking_receive(stopper, sock.recv_into, view, 0,
+                                 socket.MSG_WAITALL if whole else 0)
     while True:
         try:
             return sock.recv_into(view)
@@ -277,15 +273,22 @@ def recv_into_many(sock: socket.socket, views: list[memoryview], stopper: Stoppe
     the first view only."""
     if len(views) == 1 or isinstance(sock, ssl.SSLSocket):
         return recv_into(sock, views[0], stopper, True)
+    received: tuple[int, Any, int, Any] = _blocking_receive(
+        stopper, sock.recvmsg_into, views[:IOV_MAX], 0, socket.MSG_WAITALL)
+    return received[0]
+
+
+def _blocking_receive(stopper: Stopper, receive: Callable[..., R], *args: Any) -> R:
+    """A blocking receive call; the stopper's shutdown ends it with :class:`Stopped`."""
     try:
-        n = sock.recvmsg_into(views[:IOV_MAX], 0, socket.MSG_WAITALL)[0]
+        result = receive(*args)
     except OSError:
         if stopper.stopped:
             raise Stopped from None
         raise
     if stopper.stopped:
         raise Stopped
-    return n
+    return result
 
 
 def filled_bytes(views: list[memoryview], n: int) -> memoryview | bytes:

@@ -206,6 +206,15 @@ def test_send_all_gathers_buffers_exactly(kind: str) -> None:
         stopper.close()
 
 
+def dribble(sock: socket.socket, data: bytes, piece: int) -> InThread:
+    """Send ``data`` from a thread in pieces of ``piece`` bytes, 10 ms apart."""
+    def send() -> None:
+        for i in range(0, len(data), piece):
+            sock.sendall(data[i : i + piece])
+            time.sleep(0.01)
+    return InThread(send)
+
+
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_recv_into_whole_fills_the_view(kind: str) -> None:
     data = bytes(range(256)) * 40  # 10240 bytes, sent in dribbles
@@ -213,12 +222,7 @@ def test_recv_into_whole_fills_the_view(kind: str) -> None:
         hand_to_thread(b)
         stopper = Stopper(b)
 
-        def dribble() -> None:
-            for i in range(0, len(data), 1024):
-                a.sendall(data[i : i + 1024])
-                time.sleep(0.01)
-
-        writer = InThread(dribble)
+        writer = dribble(a, data, 1024)
         view = memoryview(bytearray(len(data)))
         assert recv_into(b, view, stopper, whole=True) == len(data)
         assert view == data
@@ -240,12 +244,7 @@ def test_recv_into_many_fills_the_views_in_order(kind: str) -> None:
         hand_to_thread(b)
         stopper = Stopper(b)
 
-        def dribble() -> None:
-            for i in range(0, len(data), 1000):
-                a.sendall(data[i : i + 1000])
-                time.sleep(0.01)
-
-        writer = InThread(dribble)
+        writer = dribble(a, data, 1000)
         mem = memoryview(bytearray(len(data)))
         views, at = [], 0
         for size in sizes:

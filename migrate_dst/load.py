@@ -64,9 +64,12 @@ class SectionKind(enum.Enum):
 class VfioLoadHandler:
     def __init__(self, device: VfioSimDevice, *, multifd_transfer: bool,
                  load_config_after_iter: bool, switchover_ack: bool, funnel: Funnel,
-                 log: Any, on_ack: Callable[[], None]) -> None:
+                 log: Any, on_ack: Callable[[], None], uniform_packets: bool = False) -> None:
         self.device = device
         self.multifd_transfer = multifd_transfer
+        # the source promised that every data packet but the last holds exactly the
+        # device's data buffer size (x-uniform-device-packets): see Reassembly
+        self.uniform_packets = uniform_packets
         self.load_config_after_iter = load_config_after_iter
         self.switchover_ack = switchover_ack
         self.funnel = funnel
@@ -100,7 +103,8 @@ class VfioLoadHandler:
             self.reassembly = Reassembly(
                 self.device.id, max_count=cfg.max_queued_buffers,
                 max_bytes=cfg.max_queued_buffers_size,
-                capacity=cfg.precopy_size + cfg.state_size, target=self.device.resume_target)
+                capacity=cfg.precopy_size + cfg.state_size, target=self.device.resume_target,
+                uniform_size=self.device.data_buffer_size if self.uniform_packets else None)
             # The load thread starts now and waits for SWITCHOVER_START inside the
             # reassembly: starting 64 threads when the VM is already stopped cost
             # milliseconds of downtime each on a busy machine.

@@ -134,6 +134,7 @@ class IncomingMigration:
         # None until the hello says; an early failure still tries to tell the source
         self.return_path: bool | None = None
         self.switchover_ack = False
+        self.uniform_device_packets = False  # from the hello: see Reassembly
         self._acks_needed = 0
         self._ack_sent = False
         self.checkpoints: dict[str, float] = {}
@@ -449,6 +450,12 @@ class IncomingMigration:
                                    "verifies)")
                 + f", destination {'on' if self.settings.param('x-verify-ram') else 'off'}"
                 "; set it on both sides")
+        # ours promises uniform device-state packets; QEMU's packets may have any size
+        uniform = hello.parameters.get("x-uniform-device-packets", False)
+        if type(uniform) is not bool:
+            raise RemoteProtocolError(f"hello: x-uniform-device-packets must be a boolean, "
+                                      f"got {uniform!r}")
+        self.uniform_device_packets = uniform
         src_ram = int(hello.parameters.get("ram-size", 0))
         dst_ram = self.vm.ram.total_size if self.vm.ram is not None else 0
         if src_ram != dst_ram:
@@ -513,7 +520,7 @@ class IncomingMigration:
                 device, multifd_transfer=desc.multifd_transfer,
                 load_config_after_iter=desc.load_config_after_iter,
                 switchover_ack=self.switchover_ack, funnel=self.funnel, log=self.log,
-                on_ack=self._device_acked)
+                on_ack=self._device_acked, uniform_packets=self.uniform_device_packets)
             self.handlers[desc.id] = handler
             self._by_idstr[(device.idstr, device.instance_id)] = handler
         if self.ram_handler is not None:

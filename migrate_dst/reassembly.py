@@ -19,6 +19,16 @@ little — that is the flow control that keeps a lagging channel from letting th
 others fill memory — and only then falls back to a pooled buffer, copied in when its
 turn comes.
 
+A source that announces uniform packets (ours: hello parameter
+``x-uniform-device-packets``) promises that every data packet of a device but its
+last holds exactly the device's data buffer size (``uniform_size``) and the last no
+more.  Then a packet's place is ``idx × uniform_size`` from the start of the stream
+without waiting for the headers before it; each header is checked against the
+promise as it comes (a larger packet, a second short one, or a data packet after the
+short one is a protocol error), and the load still writes strictly in order at the
+write cursor, so a broken promise fails the migration instead of misplacing data.
+A QEMU source, whose packets may have any size, keeps the waiting.
+
 Every packet is checked before anything is kept: duplicates and already-loaded
 indexes, data after the config packet, a second config packet, and three bounds —
 the count cap (``x-migration-max-queued-buffers``), the byte cap
@@ -112,8 +122,14 @@ def _thread_signal() -> ThreadSignal:
 
 class Reassembly:
     def __init__(self, device_id: str, *, max_count: int | None, max_bytes: int | None,
-                 capacity: int, target: Target | None = None) -> None:
+                 capacity: int, target: Target | None = None,
+                 uniform_size: int | None = None) -> None:
         self.device_id = device_id
+        #: every data packet but the last holds exactly this many bytes (the source
+        #: promised it): places are known from ``idx`` alone
+        self.uniform_size = uniform_size
+        self._short_idx: int | None = None    # the one data packet below uniform_size
+        self._top_data_idx = -1               # the highest data packet idx claimed
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.capacity = capacity
@@ -173,6 +189,11 @@ class Reassembly:
             self._wait_for_room(idx, size)  # the config too: it takes a slot and bytes
             if not place or is_config or self._target is None:
                 return None
+            if self.uniform_size is not None and self._claimed[idx] is None:
+                # every packet before this one holds uniform_size bytes (checked as
+                # their headers come): its place is known now
+                self._claimed[idx] = (self._placed_end
+                                      + (idx - self._placed_idx) * self.uniform_size)
             deadline = time.monotonic() + self.place_wait
             if self._gave_up == (self._placed_idx, self._base is None):
                 deadline = 0.0  # this hole already made a claim wait in vain
@@ -283,6 +304,8 @@ class Reassembly:
                 f"device {dev}: source sent more than the device's {self.capacity} bytes "
                 "of stop-copy state", limit=self.capacity,
                 value=self.announced_data_bytes + size)
+        if not is_config and self.uniform_size is not None:
+            self._check_uniform(idx, size)
         if is_config:
             self.last_idx = idx
         else:
@@ -294,10 +317,39 @@ class Reassembly:
         sizes, claimed = self._sizes, self._claimed
         if self._placed_idx in sizes:
             while self._placed_idx in sizes:
+                early = claimed[self._placed_idx]
+                if early is not None and early != self._placed_end:  # (uniform packets)
+                    raise SequenceError(
+                        f"device {dev}: device-state buffer idx {self._placed_idx} was "
+                        f"placed at {early} from its idx, but the packets before it end "
+                        f"at {self._placed_end}")
                 claimed[self._placed_idx] = self._placed_end
                 self._placed_end += sizes.pop(self._placed_idx)
                 self._placed_idx += 1
             self._wake_claims()
+
+    def _check_uniform(self, idx: int, size: int) -> None:
+        """(Lock held.)  A data packet against the source's promise of uniform packets."""
+        dev, uniform = self.device_id, self.uniform_size
+        assert uniform is not None
+        if size > uniform:
+            raise SequenceError(f"device {dev}: device-state buffer idx {idx} holds {size} "
+                                f"bytes, more than the {uniform} the source announced "
+                                "(x-uniform-device-packets)")
+        short = self._short_idx
+        if short is not None and idx > short:
+            raise SequenceError(f"device {dev}: device-state buffer idx {idx} after idx "
+                                f"{short}, which was short and so announced the last data "
+                                "(x-uniform-device-packets)")
+        if size < uniform:
+            if short is not None or self._top_data_idx > idx:
+                raise SequenceError(
+                    f"device {dev}: device-state buffer idx {idx} holds {size} of "
+                    f"{uniform} bytes but is not the last data packet (idx "
+                    f"{max(self._top_data_idx, short or 0)} came) "
+                    "(x-uniform-device-packets)")
+            self._short_idx = idx
+        self._top_data_idx = max(self._top_data_idx, idx)
 
     def put(self, idx: int, is_config: bool, size: int, data: memoryview | None,
             release: Callable[[], None] | None = None, *, take: bool = False

@@ -303,6 +303,10 @@ class OutgoingMigration:
                         "multifd-compression": settings.param("multifd-compression"),
                         "zero-page-detection": settings.param("zero-page-detection"),
                         "x-verify-ram": settings.param("x-verify-ram"),
+                        # every device-state data packet but a device's last holds
+                        # exactly its data buffer size (save.py), so the destination
+                        # places each from its idx without waiting for the others
+                        "x-uniform-device-packets": True,
                         "ram-size": self.vm.ram.total_size if self.vm.ram is not None else 0},
             devices=tuple(descriptors))
         await self.main.send(hello)

@@ -28,6 +28,7 @@ from typing import Any
 from migrate_common.timeline import TIMELINE
 from migrate_src.channels import MainChannel, MultifdSender
 from protocol.control import VfioRecord
+from protocol.errors import StateError
 from protocol.multifd import DeviceStateHeader
 from protocol.vfio import (
     VFIO_STATE_PACKET_HEADER,
@@ -153,12 +154,18 @@ class VfioSaveHandler:
             return
         await self._ensure_stop_copy()
         idx = 0
+        short = False
         while True:
             if abort.is_set():
                 return
             chunk = await self.device.read(self.buffer_size)
             if not len(chunk):
                 break
+            if short:  # the hello promised the destination uniform packets
+                raise StateError(f"device {self.device.id}: read {len(chunk)} bytes after a "
+                                 f"short read: data packets must hold {self.buffer_size} "
+                                 "bytes but the last")
+            short = len(chunk) < self.buffer_size
             await self._queue_packet(sender, idx, 0, chunk)
             self.stopcopy_bytes += len(chunk)
             idx += 1

@@ -243,3 +243,28 @@ async def test_source_can_migrate_again_after_cont(pair_factory):
             await pair.src.execute("migrate", {"uri": await pair.uri()})
         await pair.src.execute("cont")
         assert (await pair.src.execute("query-status"))["status"] == "running"
+
+
+async def test_a_device_that_reads_short_mid_stream_fails_the_source(pair_factory, monkeypatch):
+    """The source promises the destination uniform device-state packets: a device
+    read that comes back short and is not the last one is a local error, and the
+    source VM keeps running."""
+    from vm.vfio_sim import DeviceState, VfioSimDevice
+
+    real = VfioSimDevice.read
+    reads: list[int] = []
+
+    async def short_second_read(self: VfioSimDevice, max_bytes: int) -> memoryview:
+        if self.state is DeviceState.STOP_COPY:
+            reads.append(max_bytes)
+            if len(reads) == 2:
+                return await real(self, max_bytes // 2)
+        return await real(self, max_bytes)
+
+    monkeypatch.setattr(VfioSimDevice, "read", short_second_read)
+    async with pair_factory(["vfio-sim,id=dev0,state-size=4M"]) as pair:
+        await pair.configure(multifd=True, channels=2)
+        info = await pair.migrate()
+        assert info["status"] == "failed"
+        assert "after a short read: data packets must hold 1048576 bytes" in info["error-desc"]
+        assert (await pair.src.execute("query-status"))["status"] == "running"

@@ -200,6 +200,72 @@ def test_placed_packets_tile_the_image(sizes, seed, base):
         assert sorted(placed) == order        # claimed in order: every one is placed
 
 
+# -- uniform packets (x-uniform-device-packets) -----------------------------------------
+
+
+def uniform(size: int, image: Image, base: int = 0) -> Reassembly:
+    r = Reassembly("d", max_count=None, max_bytes=None, capacity=1 << 30,
+                   target=image.target, uniform_size=size)
+    r.place_wait = 10.0  # a claim that had to wait would hang the test
+    r.start(base=base)
+    return r
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 20), last=st.integers(1, 16), seed=st.integers(0, 2**32 - 1),
+       base=st.integers(0, 100))
+def test_uniform_packets_are_placed_from_their_idx_at_once(n, last, seed, base):
+    """Every data packet but the last holds 16 bytes: whatever the claim order, each
+    is placed at once, where the sizes before it put it."""
+    sizes = [16] * (n - 1) + [last]
+    image = Image(base + sum(sizes))
+    r = uniform(16, image, base)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    for idx in order:
+        assert r.claim(idx, False, sizes[idx]) is not None, idx
+        assert image.given[-1] == (base + 16 * idx, sizes[idx])
+    assert r.claim(n, True, 8) is None  # the config packet: never in the image
+    for idx in order:
+        r.put(idx, False, sizes[idx], None)
+    loaded = []
+    for _ in range(n):
+        buf = r.get()
+        assert buf is not None
+        loaded.append((buf.idx, buf.offset))
+        r.done_with(buf)
+    assert loaded == [(i, base + 16 * i) for i in range(n)]
+
+
+@pytest.mark.parametrize(("script", "error"), [
+    ([(0, 17)], "holds 17 bytes, more than the 16 the source announced"),
+    ([(1, 10), (2, 16)], "idx 2 after idx 1, which was short"),
+    ([(2, 16), (1, 10)], "idx 1 holds 10 of 16 bytes but is not the last data packet"),
+    ([(3, 10), (1, 10)], "idx 1 holds 10 of 16 bytes but is not the last data packet"),
+])
+def test_uniform_packets_that_break_the_promise_are_refused(script, error):
+    image = Image(1000)
+    r = uniform(16, image)
+    for idx, size in script[:-1]:
+        r.claim(idx, False, size)
+    idx, size = script[-1]
+    with pytest.raises(SequenceError, match=error):
+        r.claim(idx, False, size)
+
+
+def test_a_uniform_place_contradicted_by_the_sizes_before_it_is_refused():
+    """Placing data strictly by idx only holds while the promise does: a packet placed
+    from its idx whose predecessors turn out to end elsewhere fails the migration
+    (here the predecessor's size comes only with its data, without a header)."""
+    image = Image(1000)
+    r = uniform(16, image)
+    assert r.claim(1, False, 16) is not None and image.given == [(16, 16)]
+    r.uniform_size = None  # a put without claim skips the header checks; make it so
+    with pytest.raises(SequenceError, match="placed at 16 from its idx, but the packets "
+                                            "before it end at 10"):
+        r.put(0, False, 10, memoryview(b"x" * 10))
+
+
 def test_a_claim_beyond_the_image_is_not_placed():
     image = Image(25)
     r, _ = make(target=image.target)

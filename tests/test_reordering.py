@@ -102,3 +102,72 @@ async def test_source_stalling_in_switchover_times_out(pair_factory):
             fake.close()
         info = await wait_status(pair.dst, "failed")
         assert "did not finish the switchover" in info["error-desc"]
+
+
+# -- a source that announces uniform packets (x-uniform-device-packets) -----------------
+
+UNIFORM_DEVICES = ["vfio-sim,id=dev0,state-size=3M", "vfio-sim,id=dev1,state-size=2600K,seed=3"]
+
+
+async def _uniform_session(pair_factory, chunk: int, seed: int) -> tuple[Shut, dict]:
+    """A scripted source announcing uniform packets sends two devices' packets of
+    ``chunk`` bytes (uniform when it is their 1 MiB data buffer size) in a shuffled
+    order on 4 channels; the destination's Shut and query-migrate."""
+    configs = [parse_device_option(d) for d in UNIFORM_DEVICES]
+    packets = [await device_packets(c, chunk=chunk) for c in configs]
+    async with pair_factory(UNIFORM_DEVICES) as pair:
+        await pair.configure(multifd=True, channels=4, side="dst")
+        fake = FakeSource(parse_address(await pair.uri()), channels=4)
+        try:
+            await fake.connect_all()
+            hello = fake.hello(configs)
+            hello.parameters["x-uniform-device-packets"] = True
+            await fake.send(hello)
+            assert (await fake.receive()).accepted
+            await fake.setup_sections(configs)
+            await fake.send(Command(CommandType.SWITCHOVER_START))
+            await fake.end_sections(configs)
+            await fake.send_packets(shuffled_schedule(packets, 4, random.Random(seed)))
+            await fake.full_sections(configs)
+            await fake.eof({p.config.id: p.digest for p in packets})
+            shut = await fake.receive()
+            assert isinstance(shut, Shut), shut
+        finally:
+            fake.close()
+        info = await wait_status(pair.dst, "completed" if shut.ok else "failed")
+    return shut, info
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_uniform_packets_in_any_order_are_placed_and_load(pair_factory, seed):
+    shut, info = await _uniform_session(pair_factory, 1 << 20, seed)
+    assert shut.ok, shut.error
+    # every data packet went straight into its device, wherever it came in the order
+    assert [d["in-place-packets"] for d in info["x-devices"]] == [3, 3]
+
+
+async def test_a_broken_promise_of_uniform_packets_fails_the_migration(pair_factory):
+    shut, info = await _uniform_session(pair_factory, 65536, 0)
+    assert not shut.ok
+    assert "x-uniform-device-packets" in info["error-desc"]
+    assert "65536 of 1048576 bytes" in info["error-desc"] or "which was short" in \
+        info["error-desc"]
+
+
+async def test_x_uniform_device_packets_from_a_source_must_be_boolean(pair_factory):
+    configs = [parse_device_option(UNIFORM_DEVICES[0])]
+    async with pair_factory(UNIFORM_DEVICES[:1]) as pair:
+        await pair.configure(multifd=True, channels=2, side="dst")
+        fake = FakeSource(parse_address(await pair.uri()), channels=2)
+        try:
+            await fake.connect_all()
+            hello = fake.hello(configs)
+            hello.parameters["x-uniform-device-packets"] = "yes"
+            await fake.send(hello)
+            reply = await fake.receive()
+            assert isinstance(reply, Shut) and not reply.ok
+            assert reply.code == "protocol-error"
+            assert "x-uniform-device-packets must be a boolean, got 'yes'" in reply.error
+        finally:
+            fake.close()
+        await wait_status(pair.dst, "failed")

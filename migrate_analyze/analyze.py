@@ -69,6 +69,7 @@ from protocol.multifd import (
     DEVICE_STATE_HEADER_SIZE,
     INIT_SIZE,
     MULTIFD_MAGIC,
+    MULTIFD_PACKET_SIZE,
     RamLayout,
     RamPacket,
     ram_packet_size,
@@ -361,14 +362,15 @@ PagesCallback = Callable[[PacketInfo, memoryview], None]
 
 def scan_channel(path: Path, file_id: int, *, page_size: int, layout: RamLayout,
                  block_size: Callable[[str], int | None] | None = None,
-                 verify: bool = True, on_pages: PagesCallback | None = None) -> ChannelScan:
+                 verify: bool = True, on_pages: PagesCallback | None = None,
+                 packet_size: int = MULTIFD_PACKET_SIZE) -> ChannelScan:
     """Decode one multifd channel file; never raises for bad input (see ``error``)."""
     size = path.stat().st_size
     scan = ChannelScan(path.name, file_id, size)
-    page_count = ram_page_count(page_size)
+    page_count = ram_page_count(page_size, packet_size)
     fixed = ram_packet_size(page_count)
-    decoder = ChannelDecoder(page_size=page_size, ram_layout=layout, block_size=block_size,
-                             channel=path.name)
+    decoder = ChannelDecoder(page_size=page_size, ram_packet_bytes=packet_size,
+                             ram_layout=layout, block_size=block_size, channel=path.name)
     decompressor: PacketDecompressor | None = None
     arrival = _arrival_times(path)
     pos = 0
@@ -680,6 +682,20 @@ class MainInfo:
     sync_markers: int  # the main-channel records the destination syncs on
     sync_marker_kind: str  # "MULTIFD_FLUSH" / "EOS" (QEMU) or "ram-flush" / "ram-eos" (ours)
     error: dict[str, Any] | None
+    #: guest bytes per RAM packet: QEMU's fixed 512 KiB, or what our hello announced
+    packet_size: int = MULTIFD_PACKET_SIZE
+
+
+def _announced_packet_size(hello: dict[str, Any] | None, page_size: int) -> int:
+    """The RAM packet size our source's hello announced, if it is a usable one."""
+    size = (hello or {}).get("parameters", {}).get("x-multifd-packet-size")
+    if type(size) is not int:
+        return MULTIFD_PACKET_SIZE  # a source before the parameter: QEMU's size
+    try:
+        ram_page_count(page_size, size)
+    except ConfigError:
+        return MULTIFD_PACKET_SIZE  # the channels' decoders report what does not fit
+    return size
 
 
 def walk_main(path: Path | None, on_page: PageCallback | None = None) -> MainInfo | None:
@@ -691,9 +707,10 @@ def walk_main(path: Path | None, on_page: PageCallback | None = None) -> MainInf
         s = walk_our_main(path, on_page)
         r = s["ram"]
         flush = r["flush"] > 0
-        return MainInfo(s, dict(r["blocks"]), r["page_size"] or 4096,
+        page_size = r["page_size"] or 4096
+        return MainInfo(s, dict(r["blocks"]), page_size,
                         r["flush"] if flush else r["eos"], "ram-flush" if flush else "ram-eos",
-                        s["error"])
+                        s["error"], _announced_packet_size(s["hello"], page_size))
     if magic == QEMU_VM_FILE_MAGIC or magic is None:
         data = _read_file(path)
         q = walk_qemu_main(data, on_page)
@@ -836,11 +853,13 @@ def analyze(path: str | Path, *, layout: RamLayout | None = None, verify: bool =
     main = walk_main(cap.main, record)
     chosen, source = _choose_layout(cap, layout)
     page_size = main.page_size if main else 4096
+    packet_size = main.packet_size if main else MULTIFD_PACKET_SIZE
     block_size = main.blocks.get if main and main.blocks else None
 
     def scan_all(lay: RamLayout) -> list[ChannelScan]:
         return [scan_channel(p, i, page_size=page_size, layout=lay, block_size=block_size,
-                             verify=verify) for i, p in cap.channels.items()]
+                             verify=verify, packet_size=packet_size)
+                for i, p in cap.channels.items()]
 
     if chosen is not None:
         channels = scan_all(chosen)

@@ -206,7 +206,7 @@ def extract_ram(path: str | Path, block: str, out: str | Path, *,
             file_id = ch.file_id
             scan = scan_channel(a.capture.channels[file_id], file_id, page_size=page,
                                 layout=a.layout, block_size=blocks.get, verify=True,
-                                on_pages=pages_cb)
+                                on_pages=pages_cb, packet_size=a.main.packet_size)
             if scan.error:
                 e = scan.error
                 raise RemoteProtocolError(f"{scan.name}: {e['type']} at offset {e['offset']}: "

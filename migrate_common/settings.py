@@ -43,6 +43,8 @@ PARAMETER_DEFAULTS: dict[str, Any] = {
     "tls-creds": "",                  # id of a --object tls-creds-x509; "" = no TLS
     "tls-hostname": "",               # name the destination's certificate must carry
     "x-verify-ram": True,             # compare guest RAM digests before the destination runs
+    # bytes of guest pages per multifd RAM packet; QEMU's is fixed at 512 KiB
+    "x-multifd-packet-size": 2 * 1024 * 1024,
 }
 
 #: parameters that are booleans (QMP true/false; on/off and the like as text)
@@ -64,7 +66,10 @@ _INT_RANGES = {
     "x-switchover-timeout": (100, 3_600_000),
     "x-channel-stall-timeout": (100, 3_600_000),
     "x-socket-buffer-size": (-1, 64 * 1024 * 1024),
+    "x-multifd-packet-size": (4096, 2 * 1024 * 1024),
 }
+#: integer parameters that must be a power of two
+_POWERS_OF_TWO = frozenset({"x-multifd-packet-size"})
 _COMPRESSION = ("none", "zlib", "zstd")
 _ZERO_PAGE_DETECTION = ("none", "legacy", "multifd")
 
@@ -126,6 +131,8 @@ class MigrationSettings:
                 lo, hi = _INT_RANGES[name]
                 if not lo <= value <= hi:
                     raise ConfigError(f"Parameter '{name}' expects a value between {lo} and {hi}")
+                if name in _POWERS_OF_TWO and value & (value - 1):
+                    raise ConfigError(f"Parameter '{name}' expects a power of two, got {value}")
             elif name in ("tls-creds", "tls-hostname"):
                 if value is None:
                     value = ""  # QMP's StrOrNull: null resets it
@@ -153,7 +160,8 @@ class MigrationSettings:
         elif name in _INT_RANGES:
             from vm.properties import parse_size
 
-            value = (parse_size(text) if name in ("max-bandwidth", "x-socket-buffer-size")
+            value = (parse_size(text) if name in ("max-bandwidth", "x-socket-buffer-size",
+                                                 "x-multifd-packet-size")
                      and text.lstrip()[:1] != "-" else _int(name, text))
         self.set_parameters({name: value})
 

@@ -182,6 +182,11 @@ def hand_to_thread(sock: socket.socket, stall_timeout: float | None = None) -> N
                         struct.pack("ll", seconds, micros))
 
 
+#: Most views one gathered send or scatter receive takes (Linux's IOV_MAX); the rest
+#: waits for the next call.
+IOV_MAX = 1024
+
+
 def send_all(sock: socket.socket, buffers: Sequence[Buffer], stopper: Stopper,
              stall_timeout: float | None = None, what: str = "channel") -> int:
     """Send every byte of ``buffers`` (gathered into one ``sendmsg``, never joined);
@@ -200,7 +205,8 @@ def send_all(sock: socket.socket, buffers: Sequence[Buffer], stopper: Stopper,
         return total
     while views:
         try:
-            sent = sock.sendmsg(views)
+            # (a job of scattered pages may hold more views than one call takes)
+            sent = sock.sendmsg(views if len(views) <= IOV_MAX else views[:IOV_MAX])
         except InterruptedError:
             continue
         except BlockingIOError:  # SO_SNDTIMEO passed without a byte accepted
@@ -261,8 +267,6 @@ def recv_into(sock: socket.socket, view: memoryview, stopper: Stopper,
         stopper.wait(sock, events, None)
 
 
-#: Most views one scatter receive takes (Linux's IOV_MAX); the rest waits for the next.
-IOV_MAX = 1024
 
 
 def recv_into_many(sock: socket.socket, views: list[memoryview], stopper: Stopper) -> int:

@@ -35,7 +35,12 @@ from protocol.channel import (
 )
 from protocol.compression import PacketDecompressor, method_flag
 from protocol.errors import ChannelError, SequenceError, UnknownDeviceError
-from protocol.multifd import DeviceStateHeader
+from protocol.multifd import (
+    MULTIFD_PACKET_SIZE,
+    DeviceStateHeader,
+    ram_packet_size,
+    ram_page_count,
+)
 from protocol.vfio import VFIO_STATE_PACKET_HEADER
 
 __all__ = ["BufferPool", "ReceiveChannel"]
@@ -73,10 +78,11 @@ class BufferPool:
 #: earlier ones (besides the one it is receiving into).
 AHEAD = 1
 
-#: Bytes a receive thread asks for between payloads: a whole RAM packet header (12 +
-#: 308 + 8 × 128 bytes with 4 KiB pages), or a device-state header and its VFIO
-#: header, with room to spare.  The decoder's buffer would take 64 KiB, and what it
-#: holds of a payload is then copied again.
+#: Bytes a receive thread asks for between payloads, at least: a device-state header
+#: and its VFIO header with room to spare, or a whole RAM packet header (12 + 308 +
+#: 8 × 128 bytes for 512 KiB of 4 KiB pages; a channel of bigger RAM packets asks for
+#: its whole header).  The decoder's buffer would take 64 KiB, and what it holds of a
+#: payload is then copied again.
 HEADER_READ = 4096
 
 DeviceLookup = Callable[[str, int], Any]
@@ -91,7 +97,8 @@ class ReceiveChannel:
 
     def __init__(self, channel_id: int, sock: socket.socket, pool: BufferPool,
                  lookup: DeviceLookup, log: Any, ram: Any = None,
-                 compression: str = "none", recorder: Any = None) -> None:
+                 compression: str = "none", recorder: Any = None,
+                 packet_size: int = MULTIFD_PACKET_SIZE) -> None:
         self.id = channel_id
         self.recorder = recorder
         self.sock = sock
@@ -99,8 +106,9 @@ class ReceiveChannel:
         self.decompressor = (PacketDecompressor(compression) if compression != "none"
                              else None)
         block_size = ram.ram.block_size if ram is not None else _no_ram
+        page_size = ram.ram.page_size if ram is not None else 4096
         self.decoder = ChannelDecoder(expect_init=False, allocate=self.allocate,
-                                      page_size=ram.ram.page_size if ram is not None else 4096,
+                                      page_size=page_size, ram_packet_bytes=packet_size,
                                       block_size=block_size, channel=f"multifd {channel_id}",
                                       compression=method_flag(compression),
                                       ram_target=ram.receive_targets
@@ -115,6 +123,8 @@ class ReceiveChannel:
         self.closed = False
         self._stopper = Stopper(sock)
         self._credits = threading.Semaphore(AHEAD)
+        self._header_read = max(HEADER_READ,
+                                ram_packet_size(ram_page_count(page_size, packet_size)))
         self._thread: threading.Thread | None = None
 
     def allocate(self, size: int) -> memoryview:
@@ -164,7 +174,7 @@ class ReceiveChannel:
                         # bytes read with a header are copied into their payload in
                         # Python (holding the GIL): take little more than the largest
                         # header
-                        views = [decoder.buffer()[:HEADER_READ]]
+                        views = [decoder.buffer()[:self._header_read]]
                         n = recv_into(self.sock, views[0], stopper)
                 except OSError as exc:
                     raise ChannelError(f"multifd channel {self.id}: receive failed: "

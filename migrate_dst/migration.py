@@ -87,7 +87,7 @@ from protocol.errors import (
     UnknownDeviceError,
     VerificationError,
 )
-from protocol.multifd import ChannelInit
+from protocol.multifd import MULTIFD_PACKET_SIZE, ChannelInit
 from vm.machine import RunState, VirtualMachine
 from vm.vfio_sim import DeviceState
 
@@ -190,7 +190,8 @@ class IncomingMigration:
         channel = ReceiveChannel(init.channel_id, sock, self.pool, self._lookup_handler,
                                  self.log, ram=self.ram_handler,
                                  compression=self.settings.param("multifd-compression"),
-                                 recorder=self.recorder)
+                                 recorder=self.recorder,
+                                 packet_size=self.settings.param("x-multifd-packet-size"))
         self.channels[init.channel_id] = channel
         self.log.info("multifd channel connected", channel=init.channel_id,
                       connected=len(self.channels), of=self.channel_count)
@@ -456,6 +457,16 @@ class IncomingMigration:
             raise RemoteProtocolError(f"hello: x-uniform-device-packets must be a boolean, "
                                       f"got {uniform!r}")
         self.uniform_device_packets = uniform
+        # a source that predates the parameter sends QEMU's 512 KiB packets
+        packet_size = hello.parameters.get("x-multifd-packet-size", MULTIFD_PACKET_SIZE)
+        if type(packet_size) is not int:
+            raise RemoteProtocolError(f"hello: x-multifd-packet-size must be an integer, "
+                                      f"got {packet_size!r}")
+        if (self.vm.ram is not None and self.channel_count
+                and packet_size != self.settings.param("x-multifd-packet-size")):
+            raise ConfigError(f"x-multifd-packet-size differs: source {packet_size}, "
+                              f"destination {self.settings.param('x-multifd-packet-size')}; "
+                              "set it on both sides")
         src_ram = int(hello.parameters.get("ram-size", 0))
         dst_ram = self.vm.ram.total_size if self.vm.ram is not None else 0
         if src_ram != dst_ram:

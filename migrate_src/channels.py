@@ -49,11 +49,17 @@ from protocol.control import (
 )
 from protocol.compression import PacketCompressor
 from protocol.errors import ChannelError, RemoteProtocolError, SequenceError
-from protocol.multifd import ChannelInit, RamPacket, encode_ram_run, ram_page_count
+from protocol.multifd import (
+    MULTIFD_PACKET_SIZE,
+    ChannelInit,
+    RamPacket,
+    encode_ram_run,
+    ram_page_count,
+)
 from vm.ram import RamBlock, page_runs, run_is_normal, split_zero_pages
 
 __all__ = ["MainChannel", "MultifdSender", "ChannelStats", "Job", "DeviceStateJob", "RamJob",
-           "SyncJob", "JOB_PACKETS"]
+           "SyncJob", "JOB_BYTES"]
 
 
 @dataclass
@@ -168,7 +174,7 @@ class DeviceStateJob(Job):
 
 
 class RamJob(Job):
-    """Up to ``JOB_PACKETS`` RAM packets, each of up to ``page_count`` pages of one
+    """Up to :attr:`MultifdSender.job_packets` RAM packets, each of up to ``page_count`` pages of one
     block, sent back to back with one ``sendmsg`` (fewer trips between the event loop
     and the channel thread; the wire is the same as one packet per job).
 
@@ -259,8 +265,13 @@ class SyncJob(Job):
             self.done.set_result(None)
 
 
-#: RAM packets per job (each up to 512 KiB of pages).
-JOB_PACKETS = 4
+#: Guest bytes of RAM a job describes at most: 4 packets of QEMU's 512 KiB, one of
+#: 2 MiB (x-multifd-packet-size).  With 2 MiB packets, jobs of 4 packets ran about as
+#: fast as jobs of 1, but a device-state packet waits behind the jobs queued before
+#: it: the README demo's downtime (1 GiB of scattered dirty RAM beside 4 devices of
+#: 256 MiB, 4 channels, bench/ab.py) was 417-448 ms with 1 packet per job, 477-607
+#: with 4.
+JOB_BYTES = 2 * 1024 * 1024
 
 #: Jobs queued per channel: the next packets wait in the channel's queue while the
 #: current one is being sent, so the socket never idles for a trip through the loop.
@@ -311,7 +322,9 @@ class MultifdSender:
     def __init__(self, socks: list[socket.socket], vm_uuid: bytes, funnel: Funnel,
                  log: Any, page_size: int = 4096, compression: str = "none",
                  level: int = 1, stall_timeout: float | None = None,
-                 socket_buffer: int = 0) -> None:
+                 socket_buffer: int = 0, packet_size: int = MULTIFD_PACKET_SIZE) -> None:
+        self.page_count = ram_page_count(page_size, packet_size)
+        self.job_packets = max(1, JOB_BYTES // packet_size)
         self.stall_timeout = stall_timeout
         self._channels = [
             _SendChannel(i, s, ChannelStats(str(i)),
@@ -332,7 +345,6 @@ class MultifdSender:
             collections.deque()
         self._wake_pending = False
         self._waker = LoopWaker(self._loop, self._collect)
-        self.page_count = ram_page_count(page_size)
         self._packet_nums = itertools.count()
         self.ram_normal_pages = 0
         self.ram_zero_pages = 0

@@ -73,6 +73,7 @@ from protocol.errors import (
     RemoteProtocolError,
     VerificationError,
 )
+from protocol.multifd import ram_page_count
 from vm.machine import RunState, VirtualMachine
 
 __all__ = ["OutgoingMigration"]
@@ -244,6 +245,9 @@ class OutgoingMigration:
         self.log.info("migration starting", uri=self.uri, multifd=multifd,
                       channels=settings.param("multifd-channels") if multifd else 0)
 
+        page_size = self.vm.ram.page_size if self.vm.ram is not None else 4096
+        if multifd:  # a packet size the pages do not fit fails before any connection
+            ram_page_count(page_size, settings.param("x-multifd-packet-size"))
         main_sock = await self._connect("main channel")
         stall = self._timeout("x-channel-stall-timeout")
         self.main = MainChannel(main_sock, self.funnel, self.log, stall_timeout=stall)
@@ -258,13 +262,13 @@ class OutgoingMigration:
                 for s in good:
                     s.close()
                 raise errors[0]
-            page_size = self.vm.ram.page_size if self.vm.ram is not None else 4096
             self.sender = MultifdSender(good, self.vm.uuid.bytes, self.funnel, self.log,
                                         page_size=page_size,
                                         compression=settings.param("multifd-compression"),
                                         level=compression_level(settings),
                                         stall_timeout=stall,
-                                        socket_buffer=settings.param("x-socket-buffer-size"))
+                                        socket_buffer=settings.param("x-socket-buffer-size"),
+                                        packet_size=settings.param("x-multifd-packet-size"))
             await self.sender.send_init()
             self.sender.start()
         await self.main.send_preamble()
@@ -307,6 +311,8 @@ class OutgoingMigration:
                         # exactly its data buffer size (save.py), so the destination
                         # places each from its idx without waiting for the others
                         "x-uniform-device-packets": True,
+                        # guest bytes per RAM packet (QEMU: always 512 KiB)
+                        "x-multifd-packet-size": settings.param("x-multifd-packet-size"),
                         "ram-size": self.vm.ram.total_size if self.vm.ram is not None else 0},
             devices=tuple(descriptors))
         await self.main.send(hello)

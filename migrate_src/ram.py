@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from migrate_src.channels import JOB_PACKETS, MainChannel, MultifdSender, RamJob
+from migrate_src.channels import MainChannel, MultifdSender, RamJob
 from protocol.control import RamEos, RamFlush, RamPages, RamSetup, RamZeroPages
 from vm.ram import GuestRam, Prehasher, RamBlock, split_zero_pages
 
@@ -121,12 +121,12 @@ class RamSaveHandler:
         self.on_pass(self.ram.dirty_sync_count)
 
     async def _send_batch(self, *, precopy: bool) -> int:
-        """Hand out one job of up to JOB_PACKETS packets of dirty pages (one batch on
+        """Hand out one job of up to ``job_packets`` packets of dirty pages (one batch on
         the main channel); the number of pages, or -1 at the end of the round."""
         count = self.sender.page_count if self.sender else 128
         batches: list[tuple[RamBlock, Sequence[int]]] = []
         npages = 0
-        for _ in range(JOB_PACKETS if self.sender is not None else 1):
+        for _ in range(self.sender.job_packets if self.sender is not None else 1):
             batch = self.ram.next_dirty_batch(count)
             if batch is None:
                 break

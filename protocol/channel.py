@@ -31,6 +31,7 @@ from protocol.multifd import (
     DEVICE_STATE_BODY_SIZE,
     DEVICE_STATE_HEADER_SIZE,
     INIT_SIZE,
+    MULTIFD_PACKET_SIZE,
     PACKET_HEADER_SIZE,
     ChannelInit,
     DeviceStateHeader,
@@ -114,8 +115,10 @@ class _Stage(Enum):
 class ChannelDecoder(StreamDecoder[ChannelEvent]):
     """Decode one multifd channel (destination side).
 
-    ``page_size`` and ``ram_layout`` must match the sender (4 KiB and
-    :attr:`RamLayout.V2` for QEMU 9.0+ on x86); ``block_size`` and ``compression``
+    ``page_size``, ``ram_layout`` and ``ram_packet_bytes`` (guest bytes per RAM
+    packet) must match the sender: 4 KiB, :attr:`RamLayout.V2` and 512 KiB for QEMU
+    9.0+ on x86; our source sends bigger RAM packets, as both ends' settings of
+    ``x-multifd-packet-size`` agree on.  ``block_size`` and ``compression``
     enable the optional checks of :meth:`RamPacket.decode_body`.  ``expect_init=False``
     starts directly with packets.  ``channel`` only labels errors.  After
     :class:`ChannelClosed` or any error every call raises
@@ -126,6 +129,7 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
         self,
         *,
         page_size: int = 4096,
+        ram_packet_bytes: int = MULTIFD_PACKET_SIZE,
         ram_layout: RamLayout = RamLayout.V2,
         max_device_payload: int = DEFAULT_MAX_DEVICE_PAYLOAD,
         allocate: Allocator | None = None,
@@ -148,7 +152,7 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
         self._device_prefix = device_prefix
         self._device_buf: memoryview | None = None  # the whole payload, when allocated
         self._in_place = False
-        self._page_count = ram_page_count(page_size)
+        self._page_count = ram_page_count(page_size, ram_packet_bytes)
         self._page_size = page_size
         self._layout = RamLayout(ram_layout)
         if type(max_device_payload) is not int or not 1 <= max_device_payload <= 0xFFFFFFFF:

@@ -183,10 +183,23 @@ def _check_page_count(page_count: int) -> None:
         raise ConfigError(f"page_count must be 1..{MAX_PAGE_COUNT}, got {page_count!r}")
 
 
-def ram_page_count(page_size: int) -> int:
-    """Pages per RAM packet for a target page size (128 for 4 KiB pages)."""
+def ram_page_count(page_size: int, packet_size: int = MULTIFD_PACKET_SIZE) -> int:
+    """Pages per RAM packet for a target page size: ``packet_size // page_size``.
+
+    QEMU's packets describe :data:`MULTIFD_PACKET_SIZE` bytes (128 pages of 4 KiB);
+    ours may describe more when both ends agree (``x-multifd-packet-size``).  The
+    count sets the length of every RAM packet's offset array, so both ends must use
+    the same one.
+    """
     _check_page_size(page_size)
-    return MULTIFD_PACKET_SIZE // page_size
+    if (type(packet_size) is not int or packet_size < page_size
+            or packet_size & (packet_size - 1)):
+        raise ConfigError(f"RAM packet size must be a power of two of at least the page "
+                          f"size ({page_size}), got {packet_size!r}")
+    if packet_size // page_size > MAX_PAGE_COUNT:
+        raise ConfigError(f"RAM packet size {packet_size} holds {packet_size // page_size} "
+                          f"pages of {page_size} bytes; at most {MAX_PAGE_COUNT} fit a packet")
+    return packet_size // page_size
 
 
 def ram_packet_size(page_count: int) -> int:

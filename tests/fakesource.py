@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from migrate_common.net import Address, connect, recv_into, sendmsg_all
+from migrate_common.settings import PARAMETER_DEFAULTS
 from protocol.control import (
     SCHEMA_VERSION,
     Command,
@@ -37,6 +38,9 @@ from protocol.multifd import ChannelInit, DeviceStateHeader
 from protocol.vfio import VfioMigFlag, VfioPacketFlags, VfioStatePacketHeader, encode_config_blob
 from vm.properties import DeviceConfig
 from vm.vfio_sim import DeviceState, VfioSimDevice
+
+#: Guest bytes per RAM packet the fake announces (the destination's default)
+RAM_PACKET_SIZE: int = PARAMETER_DEFAULTS["x-multifd-packet-size"]
 
 
 @dataclass
@@ -117,7 +121,8 @@ class FakeSource:
             capabilities={"multifd": multifd, "return-path": return_path,
                           "switchover-ack": False, "validate-uuid": False},
             parameters={"multifd-channels": self.channels if multifd else 0,
-                        "multifd-compression": "none"},
+                        "multifd-compression": "none",
+                        "x-multifd-packet-size": RAM_PACKET_SIZE},
             devices=tuple(DeviceDescriptor(
                 id=c.id, driver=c.driver, idstr=f"{c.id}/vfio", instance_id=0, version_id=1,
                 multifd_transfer=multifd, load_config_after_iter=False,

@@ -290,17 +290,18 @@ def _page(fill: int) -> bytes:
     return bytes([fill]) * PAGE
 
 
-def _ram(packet_num: int, normal: list[tuple[int, bytes]], zero: tuple[int, ...] = ()) -> bytes:
+def _ram(packet_num: int, normal: list[tuple[int, bytes]], zero: tuple[int, ...] = (),
+         pages: int = 128) -> bytes:
     offsets = tuple(o for o, _ in normal) + zero
     payload = b"".join(d for _, d in normal)
-    packet = RamPacket(flags=0, pages_alloc=128, normal_pages=len(normal),
+    packet = RamPacket(flags=0, pages_alloc=pages, normal_pages=len(normal),
                        next_packet_size=len(payload), packet_num=packet_num,
                        zero_pages=len(zero), ramblock=BLOCK, offsets=offsets)
-    return packet.encode(128) + payload
+    return packet.encode(pages) + payload
 
 
-def _sync(packet_num: int) -> bytes:
-    return RamPacket.sync_packet(packet_num).encode(128)
+def _sync(packet_num: int, pages: int = 128) -> bytes:
+    return RamPacket.sync_packet(packet_num).encode(pages)
 
 
 def _device(idx: int, data: bytes, *, config: bool = False) -> bytes:
@@ -308,9 +309,11 @@ def _device(idx: int, data: bytes, *, config: bool = False) -> bytes:
     return DeviceStateHeader(VFIO, 0, len(body)).encode() + body
 
 
-def make_recording(root: Path, *, timed: bool = False) -> tuple[Path, bytes]:
+def make_recording(root: Path, *, timed: bool = False,
+                   packet_size: int | None = None) -> tuple[Path, bytes]:
     """An attempt folder as migrate-dst --record-channels writes it, and the RAM block
-    it must rebuild to.
+    it must rebuild to.  ``packet_size``: the RAM packet size the hello announces
+    (None: a source before x-multifd-packet-size, with QEMU's 128 pages of 4 KiB).
 
     Pages: P is sent in round 1 (channel 0, packet_num 9) and again in round 2 (channel
     1, packet_num 5): the round decides, not packet_num.  Q is sent twice in round 1
@@ -325,8 +328,12 @@ def make_recording(root: Path, *, timed: bool = False) -> tuple[Path, bytes]:
     def send(msg: Any, payload: bytes = b"") -> None:
         msgs.append(encode_message(msg) + payload)
 
+    params: dict[str, Any] = {"multifd-channels": 2}
+    if packet_size is not None:
+        params["x-multifd-packet-size"] = packet_size
+    n = (packet_size or 128 * PAGE) // PAGE
     send(Hello(1, "0123456789abcdef0123456789abcdef", VM_UUID,
-               {"multifd": True, "return-path": True}, {"multifd-channels": 2},
+               {"multifd": True, "return-path": True}, params,
                (DeviceDescriptor("vfio0", "vfio-pci-sim", VFIO, 0, 1, True, False, {}),)))
     send(Command(CommandType.OPEN_RETURN_PATH))
     send(Command(CommandType.PING, 1))
@@ -361,13 +368,13 @@ def make_recording(root: Path, *, timed: bool = False) -> tuple[Path, bytes]:
 
     raw_uuid = uuid.UUID(VM_UUID).bytes
     config = encode_config_blob(b"\x01\x02config-space")
-    ch0 = [ChannelInit(raw_uuid, 0).encode(), _sync(0),
-           _ram(4, [(Q, _page(0xD0))]), _ram(9, [(P, _page(0xA0))], zero=(Z,)), _sync(10),
-           _sync(12),
+    ch0 = [ChannelInit(raw_uuid, 0).encode(), _sync(0, n),
+           _ram(4, [(Q, _page(0xD0))], pages=n), _ram(9, [(P, _page(0xA0))], zero=(Z,), pages=n),
+           _sync(10, n), _sync(12, n),
            _device(0, b"x" * 100), _device(1, b"y" * 70)]
-    ch1 = [ChannelInit(raw_uuid, 1).encode(), _sync(1),
-           _ram(3, [(Q, _page(0xC0))]), _sync(11),
-           _ram(5, [(P, _page(0xB0)), (R, _page(0xE0))]), _sync(13),
+    ch1 = [ChannelInit(raw_uuid, 1).encode(), _sync(1, n),
+           _ram(3, [(Q, _page(0xC0))], pages=n), _sync(11, n),
+           _ram(5, [(P, _page(0xB0)), (R, _page(0xE0))], pages=n), _sync(13, n),
            _device(2, b"z" * 50), _device(3, config, config=True)]
     (folder / "multifd-0.bin").write_bytes(b"".join(ch0))
     (folder / "multifd-1.bin").write_bytes(b"".join(ch1))
@@ -446,9 +453,12 @@ def test_our_recording_analysis(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "MFDM" in text and "device state" in text and "config packet idx 3" in text
 
 
+@pytest.mark.parametrize("packet_size", [None, 512 * PAGE])
 def test_our_recording_extract_follows_rounds(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    folder, expected = make_recording(tmp_path)
+                                              capsys: pytest.CaptureFixture[str],
+                                              packet_size: int | None) -> None:
+    # None: packets of QEMU's 128 pages; 512 pages when the hello announces 2 MiB
+    folder, expected = make_recording(tmp_path, packet_size=packet_size)
     out = tmp_path / "ram.bin"
     result = extract_ram(folder, BLOCK, out)
     assert out.read_bytes() == expected

@@ -243,6 +243,17 @@ def test_page_size_and_layout() -> None:
     assert isinstance(events[1], RamPacketReceived) and len(events[1].payload) == 65536
 
 
+def test_ram_packet_bytes_sets_the_offset_array() -> None:
+    """2 MiB packets of 4 KiB pages carry 512 offsets; a decoder of QEMU's 128 reads
+    the rest of the array as the next packet's header and fails."""
+    big = RamPacket(0, 512, 2, 2 * PAGE, 1, 0, "pc.ram", (0x1000, 0x1FF000))
+    data = INIT.encode() + big.encode(512) + PAGES + SYNC.encode(512)
+    decoder = ChannelDecoder(ram_packet_bytes=2 << 20)
+    assert plain(decoder.feed(data))[1:] == [("ram", big, PAGES), ("ram", SYNC, b"")]
+    with pytest.raises(RemoteProtocolError):
+        ChannelDecoder().feed(data)
+
+
 def test_compressed_payload_length_from_header() -> None:
     packet = RamPacket(PacketFlags.ZLIB, 128, 2, 77, 4, 0, "mem", (0, 0x1000))
     decoder = ChannelDecoder(compression=PacketFlags.ZLIB)

@@ -76,6 +76,29 @@ def test_page_count_and_packet_size(page_size: int, count: int, size: int) -> No
     assert ram_packet_size(count) == size
 
 
+@pytest.mark.parametrize(
+    ("page_size", "packet_size", "count"),
+    [(4096, 512 * 1024, 128), (4096, 2 << 20, 512), (4096, 4096, 1), (65536, 2 << 20, 32),
+     (1024, 512 * 1024, 512)],
+)
+def test_page_count_of_a_packet_size(page_size: int, packet_size: int, count: int) -> None:
+    assert ram_page_count(page_size, packet_size) == count
+
+
+@pytest.mark.parametrize(
+    ("page_size", "packet_size", "message"),
+    [(4096, 4 << 20, "holds 1024 pages of 4096 bytes; at most 512"),
+     (1024, 2 << 20, "holds 2048 pages"),
+     (4096, 2048, "at least the page size"),
+     (4096, 3 << 19, "power of two"),
+     (4096, 0, "power of two"),
+     (4096, True, "power of two")],
+)
+def test_bad_packet_size(page_size: int, packet_size: int, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ram_page_count(page_size, packet_size)
+
+
 @pytest.mark.parametrize("bad", [0, 512, 3000, 4095, 1 << 20, -4096])
 def test_bad_page_size(bad: int) -> None:
     with pytest.raises(ConfigError, match="page_size"):

@@ -22,7 +22,7 @@ from protocol.control import (
 )
 from protocol.multifd import RamPacket, ram_page_count
 from tests.conftest import wait_final, wait_status
-from tests.fakesource import FakeSource
+from tests.fakesource import RAM_PACKET_SIZE, FakeSource
 from vm.ram import GuestRam
 
 DEV = ["vfio-sim,id=dev0,state-size=2M"]
@@ -266,7 +266,7 @@ async def _ram_session(pair, packets, *, flush: bool = True, channels: int = 2):
 
 
 def ram_packet(block: str, offsets: list[int], *, num: int = 0, sync: bool = False) -> bytes:
-    pc = ram_page_count(4096)
+    pc = ram_page_count(4096, RAM_PACKET_SIZE)
     pkt = RamPacket(flags=1 if sync else 0, pages_alloc=pc, normal_pages=len(offsets),
                     next_packet_size=4096 * len(offsets), packet_num=num, zero_pages=0,
                     ramblock=block, offsets=tuple(offsets))
@@ -274,7 +274,7 @@ def ram_packet(block: str, offsets: list[int], *, num: int = 0, sync: bool = Fal
 
 
 def sync_packet(num: int) -> bytes:
-    return RamPacket.sync_packet(num).encode(ram_page_count(4096))
+    return RamPacket.sync_packet(num).encode(ram_page_count(4096, RAM_PACKET_SIZE))
 
 
 @pytest.mark.parametrize("packets,error", [
@@ -337,3 +337,75 @@ async def test_device_transfer_on_with_compression_fails_clearly(pair_factory):
                              extra_params={"multifd-compression": "zlib"})
         with pytest.raises(Exception, match="multifd-compression=none"):
             await pair.src.execute("migrate", {"uri": await pair.uri()})
+
+
+# -- x-multifd-packet-size: guest bytes per RAM packet --------------------------------
+
+@pytest.mark.parametrize("packet_size", [512 * 1024, 2 * 1024 * 1024])
+async def test_ram_packet_size_sets_the_pages_per_packet(pair_factory, packet_size):
+    # 8 MiB of random pages: 16 packets of QEMU's 512 KiB, or 4 of 2 MiB
+    async with pair_factory([], memory="8M,fill=random,seed=5") as pair:
+        await pair.configure(multifd=True, channels=2,
+                             extra_params={**FAST, "x-multifd-packet-size": packet_size})
+        info = await pair.migrate()
+        assert info["status"] == "completed", info.get("error-desc")
+        assert info["x-ram-verified"] is True
+        syncs = info["ram"]["dirty-sync-count"] * 2  # one SYNC per channel and round
+        packets = sum(c["packets"] for c in info["x-channels"] if c["id"] != "main")
+        assert packets - syncs == (8 << 20) // packet_size, info["x-channels"]
+        src, dst = await pair.digests()
+        assert src == dst
+
+
+async def test_ram_packet_size_must_match(pair_factory):
+    async with pair_factory([], memory="8M") as pair:
+        await pair.configure(multifd=True, channels=2, side="src",
+                             extra_params={"x-multifd-packet-size": 512 * 1024})
+        await pair.configure(multifd=True, channels=2, side="dst")
+        info = await pair.migrate()
+        assert info["status"] == "failed"
+        assert ("x-multifd-packet-size differs: source 524288, destination 2097152; set it "
+                "on both sides" in info["error-desc"])
+        assert (await pair.src.execute("query-status"))["running"]
+        await pair.configure(multifd=True, channels=2, side="src",
+                             extra_params={"x-multifd-packet-size": 2 * 1024 * 1024})
+        info = await pair.migrate()
+        assert info["status"] == "completed", info.get("error-desc")
+
+
+async def test_a_source_without_a_packet_size_sends_qemu_packets(pair_factory):
+    async with pair_factory([], memory="8M") as pair:
+        await pair.configure(multifd=True, channels=2, side="dst")
+        fake = FakeSource(parse_address(await pair.uri()), channels=2)
+        try:
+            await fake.connect_all()
+            hello = fake.hello([])
+            hello.parameters["ram-size"] = 8 << 20
+            del hello.parameters["x-multifd-packet-size"]  # as an older source
+            await fake.send(hello)
+            reply = await fake.receive()
+            assert isinstance(reply, Shut) and not reply.ok and reply.code == "config-error"
+            assert "x-multifd-packet-size differs: source 524288, destination 2097152" \
+                in reply.error
+        finally:
+            fake.close()
+
+
+@pytest.mark.parametrize("value", ["2M", True])  # what the control schema carries
+async def test_a_packet_size_from_a_source_must_be_an_integer(pair_factory, value):
+    async with pair_factory([], memory="8M") as pair:
+        await pair.configure(multifd=True, channels=2, side="dst")
+        fake = FakeSource(parse_address(await pair.uri()), channels=2)
+        try:
+            await fake.connect_all()
+            hello = fake.hello([])
+            hello.parameters["ram-size"] = 8 << 20
+            hello.parameters["x-multifd-packet-size"] = value
+            await fake.send(hello)
+            reply = await fake.receive()
+            assert isinstance(reply, Shut) and not reply.ok
+            assert reply.code == "protocol-error"
+            assert "x-multifd-packet-size must be an integer" in reply.error
+        finally:
+            fake.close()
+

@@ -1,5 +1,5 @@
-"""migrate_common.settings: x-socket-buffer-size and x-verify-ram, through the QMP arguments
-and the CLI text."""
+"""migrate_common.settings: x-socket-buffer-size, x-verify-ram and x-multifd-packet-size,
+through the QMP arguments and the CLI text."""
 
 from __future__ import annotations
 
@@ -126,3 +126,35 @@ async def test_verify_ram_through_migrate_ctl(pair_factory, tmp_path, text, valu
                                      "set-parameter", "x-verify-ram", text])
         assert await _run(args) == 0
         assert (await pair.src.execute("query-migrate-parameters"))["x-verify-ram"] is value
+
+
+# -- x-multifd-packet-size ------------------------------------------------------------
+
+PACKET = "x-multifd-packet-size"
+
+
+def test_packet_size_default_is_2m() -> None:
+    assert MigrationSettings().param(PACKET) == 2 * MiB
+
+
+@pytest.mark.parametrize(("text", "value"), [("512K", 512 * 1024), ("2M", 2 * MiB),
+                                             ("4096", 4096), ("1M", MiB)])
+def test_packet_size_text(text: str, value: int) -> None:
+    settings = MigrationSettings()
+    settings.set_parameter_text(PACKET, text)
+    assert settings.param(PACKET) == value
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (3 * 512 * 1024, "expects a power of two, got 1572864"),
+    (4 * MiB, "between 4096 and 2097152"),
+    (2048, "between 4096 and 2097152"),
+    (-1, "between 4096 and 2097152"),
+    (True, "expected: integer"),
+    ("2M", "expected: integer"),
+])
+def test_packet_size_rejects(value: object, message: str) -> None:
+    settings = MigrationSettings()
+    with pytest.raises(ConfigError, match=message):
+        settings.set_parameters({PACKET: value})
+    assert settings.param(PACKET) == 2 * MiB

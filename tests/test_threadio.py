@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from migrate_common.threadio import (
+    IOV_MAX,
     LoopWaker,
     ThreadSignal,
     LOOPBACK_BUDGET,
@@ -201,6 +202,28 @@ def test_send_all_gathers_buffers_exactly(kind: str) -> None:
         assert send_all(a, buffers, stopper, 5.0) == len(expected)
         assert send_all(a, [], stopper) == 0
         assert send_all(a, [b"", bytearray()], stopper) == 0
+        a.shutdown(socket.SHUT_WR)
+        assert reader.result() == expected
+        stopper.close()
+
+
+def test_send_all_takes_more_views_than_one_call_does() -> None:
+    # a job of 4 packets of 512 scattered pages: more views than IOV_MAX
+    views = [memoryview(bytes([i % 251]) * 64) for i in range(3 * IOV_MAX + 5)]
+    expected = b"".join(views)
+    with connected("unix") as (a, b):
+        hand_to_thread(a, stall_timeout=5.0)
+        hand_to_thread(b)
+        stopper = Stopper(a)
+
+        def receive() -> bytes:
+            parts = []
+            while chunk := b.recv(65536):
+                parts.append(chunk)
+            return b"".join(parts)
+
+        reader = InThread(receive)
+        assert send_all(a, views, stopper, 5.0) == len(expected)
         a.shutdown(socket.SHUT_WR)
         assert reader.result() == expected
         stopper.close()

@@ -629,6 +629,17 @@ def test_split_zero_pages_of_a_run_agrees_with_is_zero_page(case, start, length)
     assert zero == [i * PS for i in pages if is_zero_page(view[i * PS : (i + 1) * PS])]
 
 
+@pytest.mark.parametrize("mark", [None, 0, 127, 128, 129, 300, 511])
+def test_split_zero_pages_of_a_2m_packet(mark):
+    """A packet of 512 pages (x-multifd-packet-size=2M) whose zero-looking stretch is
+    longer than one comparison with zeros: a page that is not all zero is still found."""
+    marks = {} if mark is None else {mark: (PS - 1, 0x80)}  # last byte: first word zero
+    view, words = memory_with(marks, 512)
+    normal, zero = split_zero_pages(view, range(512), PS, words)
+    assert normal == ([] if mark is None else [mark * PS])
+    assert zero == [i * PS for i in range(512) if i != mark]
+
+
 @pytest.mark.parametrize(("data", "expected"), [
     (b"", False),
     (bytes(8), True),

@@ -126,9 +126,9 @@ def run_is_normal(words: memoryview, first: int, n: int, page_size: int) -> bool
 
 
 _ZERO_WORD: Final = bytes(8)
-#: zeros to compare a stretch of pages of one RAM packet with (128 pages of 4 KiB;
-#: longer stretches, of larger pages, are compared page by page)
+#: zeros to compare a stretch of zero-looking pages with, a piece at a time
 _ZERO_RUN: Final = bytes(512 * 1024)
+_ZERO_RUN_LEN: Final = len(_ZERO_RUN)
 
 
 def has_zero_word(data: bytes) -> bool:
@@ -195,7 +195,8 @@ def _split_run(view: memoryview, first: int, n: int, page_size: int,
         while j < n and not heads[j]:
             j += 1
         start, stop = base + i * page_size, base + j * page_size
-        if _ZERO_RUN.startswith(view[start:stop]):
+        if all(_ZERO_RUN.startswith(view[at:min(at + _ZERO_RUN_LEN, stop)])
+               for at in range(start, stop, _ZERO_RUN_LEN)):
             zero.extend(range(start, stop, page_size))
         else:  # a page that starts with a zero word but is not all zero
             for off in range(start, stop, page_size):

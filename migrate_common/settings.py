@@ -68,6 +68,8 @@ _INT_RANGES = {
     "x-socket-buffer-size": (-1, 64 * 1024 * 1024),
     "x-multifd-packet-size": (4096, 2 * 1024 * 1024),
 }
+#: integer parameters that are sizes: ``1G``, ``512K`` as text
+SIZE_PARAMETERS = frozenset({"max-bandwidth", "x-socket-buffer-size", "x-multifd-packet-size"})
 #: integer parameters that must be a power of two
 _POWERS_OF_TWO = frozenset({"x-multifd-packet-size"})
 _COMPRESSION = ("none", "zlib", "zstd")
@@ -160,9 +162,8 @@ class MigrationSettings:
         elif name in _INT_RANGES:
             from vm.properties import parse_size
 
-            value = (parse_size(text) if name in ("max-bandwidth", "x-socket-buffer-size",
-                                                 "x-multifd-packet-size")
-                     and text.lstrip()[:1] != "-" else _int(name, text))
+            value = (parse_size(text) if name in SIZE_PARAMETERS and text.lstrip()[:1] != "-"
+                     else _int(name, text))
         self.set_parameters({name: value})
 
     def query_parameters(self) -> dict[str, Any]:

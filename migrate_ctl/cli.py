@@ -24,7 +24,7 @@ import sys
 from typing import Any
 
 from migrate_common.qmp_client import QmpClient, QmpCommandError, QmpConnectionError
-from migrate_common.settings import BOOLEAN_PARAMETERS, bool_text
+from migrate_common.settings import BOOLEAN_PARAMETERS, SIZE_PARAMETERS, bool_text
 from migrate_ctl.progress import human_bytes, summary_lines, watch
 from protocol.errors import ConfigError
 from vm.properties import parse_size
@@ -140,7 +140,7 @@ async def _run(args: argparse.Namespace) -> int:
             return 0
         if cmd == "set-parameter":
             value = _parse_value(args.value)
-            if args.name == "max-bandwidth" and isinstance(value, str):
+            if args.name in SIZE_PARAMETERS and isinstance(value, str):
                 value = parse_size(value)  # "1G" as on the daemons' command line
             elif args.name in BOOLEAN_PARAMETERS and isinstance(value, str):
                 value = bool_text(value)  # on/off as on the daemons' command line

@@ -158,3 +158,19 @@ def test_packet_size_rejects(value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         settings.set_parameters({PACKET: value})
     assert settings.param(PACKET) == 2 * MiB
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("name", "text", "value"), [
+    ("x-multifd-packet-size", "512K", 512 * 1024),
+    ("x-socket-buffer-size", "256K", 256 * 1024),
+    ("max-bandwidth", "1G", 1 << 30),
+])
+async def test_sizes_through_migrate_ctl(pair_factory, tmp_path, name, text, value) -> None:  # type: ignore[no-untyped-def]
+    from migrate_ctl.cli import _parser, _run
+
+    async with pair_factory([]) as pair:
+        args = _parser().parse_args(["--qmp", f"unix:{tmp_path / 'src.qmp'}",
+                                     "set-parameter", name, text])
+        assert await _run(args) == 0
+        assert (await pair.src.execute("query-migrate-parameters"))[name] == value

@@ -47,31 +47,48 @@ __all__ = ["BufferPool", "ReceiveChannel"]
 
 
 class BufferPool:
-    """Free lists of receive buffers by exact size, keeping at most ``keep`` of each."""
+    """Free lists of receive buffers by exact size: at most ``keep`` of each size and
+    ``max_bytes`` in all.
 
-    def __init__(self, keep: int = 16) -> None:
+    The byte bound matters where sizes vary: compressed RAM payloads each have a
+    size of their own, and a free list per size would otherwise keep every one of
+    them for the daemon's whole life.
+    """
+
+    def __init__(self, keep: int = 16, max_bytes: int = 32 * 1024 * 1024) -> None:
         self._free: dict[int, list[bytearray]] = {}
         self._keep = keep
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()  # the channel threads take, the loop gives
+        self.kept_bytes = 0
         self.allocated = 0
 
     def take(self, size: int) -> bytearray:
-        # called from the channel threads: list.pop is atomic, a lost race is a miss
-        free = self._free.get(size)
-        if free:
-            try:
-                return free.pop()
-            except IndexError:
-                pass
-        self.allocated += 1
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                self.kept_bytes -= size
+                buf = free.pop()
+                if not free:
+                    del self._free[size]
+                return buf
+            self.allocated += 1
         return bytearray(size)  # zero-filled, so already faulted in
 
     def give(self, buf: bytearray) -> None:
-        free = self._free.setdefault(len(buf), [])
-        if len(free) < self._keep:
-            free.append(buf)
+        size = len(buf)
+        with self._lock:
+            if self.kept_bytes + size > self._max_bytes:
+                return
+            free = self._free.setdefault(size, [])
+            if len(free) < self._keep:
+                free.append(buf)
+                self.kept_bytes += size
 
     def clear(self) -> None:
-        self._free.clear()
+        with self._lock:
+            self._free.clear()
+            self.kept_bytes = 0
 
 
 #: Packets a receive thread may decode before the channel task has applied the

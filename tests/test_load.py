@@ -74,3 +74,32 @@ async def test_a_packet_that_fails_to_load_gives_its_buffer_back_once(monkeypatc
     assert free(pool, buf) == 1          # not twice: two later takes would share it
     assert pool.take(len(buf)) is not pool.take(len(buf))
     handler.load_cleanup()
+
+
+def test_the_pool_keeps_a_bounded_number_of_bytes() -> None:
+    # compressed RAM payloads each have a size of their own: kept by size alone, every
+    # one of them would stay for the daemon's life
+    pool = BufferPool(keep=16, max_bytes=1 << 20)
+    bufs = [pool.take(4096 + i) for i in range(1000)]
+    for buf in bufs:
+        pool.give(buf)
+    assert pool.kept_bytes <= 1 << 20
+    assert pool.kept_bytes == sum(len(b) for free in pool._free.values() for b in free)
+    kept = pool.take(4096)
+    assert kept is bufs[0] and pool.kept_bytes <= (1 << 20) - 4096
+    assert 4096 not in pool._free  # an emptied list goes, sizes do not pile up
+
+
+def test_the_pool_keeps_at_most_keep_of_a_size() -> None:
+    pool = BufferPool(keep=2)
+    bufs = [pool.take(100) for _ in range(5)]
+    assert pool.allocated == 5
+    for buf in bufs:
+        pool.give(buf)
+    assert len(pool._free[100]) == 2 and pool.kept_bytes == 200
+    assert pool.take(100) is bufs[1] and pool.take(100) is bufs[0]
+    fresh = pool.take(100)
+    assert all(fresh is not b for b in bufs) and pool.allocated == 6
+    pool.give(bufs[2])
+    pool.clear()
+    assert pool.kept_bytes == 0 and not pool._free

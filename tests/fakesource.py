@@ -29,6 +29,7 @@ from protocol.control import (
     SectionFooter,
     SectionFull,
     SectionStart,
+    Shut,
     StreamClosed,
     VfioRecord,
     encode_message,
@@ -160,6 +161,31 @@ class FakeSource:
         for sock in [self.main, *self.multifd]:
             if sock is not None:
                 sock.close()
+
+
+#: a hello parameter :func:`refused_hello` leaves out, as a source before it would
+DROP = object()
+
+
+async def refused_hello(uri: Address, parameters: dict[str, object],
+                        devices: list[DeviceConfig] | None = None, channels: int = 2) -> Shut:
+    """Send a hello with ``parameters`` changed (:data:`DROP` removes one) and return
+    the destination's refusal."""
+    fake = FakeSource(uri, channels=channels)
+    try:
+        await fake.connect_all()
+        hello = fake.hello(devices or [])
+        for name, value in parameters.items():
+            if value is DROP:
+                hello.parameters.pop(name, None)
+            else:
+                hello.parameters[name] = value
+        await fake.send(hello)
+        reply = await fake.receive()
+        assert isinstance(reply, Shut) and not reply.ok, reply
+        return reply
+    finally:
+        fake.close()
 
 
 def shuffled_schedule(devices: list[DevicePackets], channels: int,

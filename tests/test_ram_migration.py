@@ -22,7 +22,7 @@ from protocol.control import (
 )
 from protocol.multifd import RamPacket, ram_page_count
 from tests.conftest import wait_final, wait_status
-from tests.fakesource import RAM_PACKET_SIZE, FakeSource
+from tests.fakesource import DROP, RAM_PACKET_SIZE, FakeSource, refused_hello
 from vm.ram import GuestRam
 
 DEV = ["vfio-sim,id=dev0,state-size=2M"]
@@ -198,38 +198,21 @@ async def test_a_source_without_x_verify_ram_counts_as_verifying(pair_factory):
     async with pair_factory([], memory="8M") as pair:
         await pair.configure(multifd=True, channels=2, side="dst",
                              extra_params={"x-verify-ram": False})
-        fake = FakeSource(parse_address(await pair.uri()), channels=2)
-        try:
-            await fake.connect_all()
-            hello = fake.hello([])  # as an older source: no x-verify-ram in it
-            hello.parameters["ram-size"] = 8 << 20
-            assert "x-verify-ram" not in hello.parameters
-            await fake.send(hello)
-            reply = await fake.receive()
-            assert isinstance(reply, Shut) and not reply.ok
-            assert ("x-verify-ram differs: source on (not sent: a source without the "
-                    "parameter always verifies), destination off") in reply.error
-        finally:
-            fake.close()
+        # as an older source: no x-verify-ram in the hello
+        reply = await refused_hello(parse_address(await pair.uri()),
+                                    {"ram-size": 8 << 20, "x-verify-ram": DROP})
+        assert ("x-verify-ram differs: source on (not sent: a source without the "
+                "parameter always verifies), destination off") in reply.error
 
 
 @pytest.mark.parametrize("value", ["off", 0, 1])
 async def test_x_verify_ram_from_a_source_must_be_boolean(pair_factory, value):
     async with pair_factory([], memory="8M") as pair:
         await pair.configure(multifd=True, channels=2, side="dst")
-        fake = FakeSource(parse_address(await pair.uri()), channels=2)
-        try:
-            await fake.connect_all()
-            hello = fake.hello([])
-            hello.parameters["ram-size"] = 8 << 20
-            hello.parameters["x-verify-ram"] = value
-            await fake.send(hello)
-            reply = await fake.receive()
-            assert isinstance(reply, Shut) and not reply.ok
-            assert reply.code == "protocol-error"  # blamed on the source, not the config
-            assert f"x-verify-ram must be a boolean, got {value!r}" in reply.error
-        finally:
-            fake.close()
+        reply = await refused_hello(parse_address(await pair.uri()),
+                                    {"ram-size": 8 << 20, "x-verify-ram": value})
+        assert reply.code == "protocol-error"  # blamed on the source, not the config
+        assert f"x-verify-ram must be a boolean, got {value!r}" in reply.error
         info = await wait_status(pair.dst, "failed")
         assert "x-verify-ram must be a boolean" in info["error-desc"]
 
@@ -376,36 +359,19 @@ async def test_ram_packet_size_must_match(pair_factory):
 async def test_a_source_without_a_packet_size_sends_qemu_packets(pair_factory):
     async with pair_factory([], memory="8M") as pair:
         await pair.configure(multifd=True, channels=2, side="dst")
-        fake = FakeSource(parse_address(await pair.uri()), channels=2)
-        try:
-            await fake.connect_all()
-            hello = fake.hello([])
-            hello.parameters["ram-size"] = 8 << 20
-            del hello.parameters["x-multifd-packet-size"]  # as an older source
-            await fake.send(hello)
-            reply = await fake.receive()
-            assert isinstance(reply, Shut) and not reply.ok and reply.code == "config-error"
-            assert "x-multifd-packet-size differs: source 524288, destination 2097152" \
-                in reply.error
-        finally:
-            fake.close()
+        # as an older source: no x-multifd-packet-size in the hello
+        reply = await refused_hello(parse_address(await pair.uri()),
+                                    {"ram-size": 8 << 20, "x-multifd-packet-size": DROP})
+        assert reply.code == "config-error"
+        assert "x-multifd-packet-size differs: source 524288, destination 2097152" \
+            in reply.error
 
 
 @pytest.mark.parametrize("value", ["2M", True])  # what the control schema carries
 async def test_a_packet_size_from_a_source_must_be_an_integer(pair_factory, value):
     async with pair_factory([], memory="8M") as pair:
         await pair.configure(multifd=True, channels=2, side="dst")
-        fake = FakeSource(parse_address(await pair.uri()), channels=2)
-        try:
-            await fake.connect_all()
-            hello = fake.hello([])
-            hello.parameters["ram-size"] = 8 << 20
-            hello.parameters["x-multifd-packet-size"] = value
-            await fake.send(hello)
-            reply = await fake.receive()
-            assert isinstance(reply, Shut) and not reply.ok
-            assert reply.code == "protocol-error"
-            assert "x-multifd-packet-size must be an integer" in reply.error
-        finally:
-            fake.close()
-
+        reply = await refused_hello(parse_address(await pair.uri()),
+                                    {"ram-size": 8 << 20, "x-multifd-packet-size": value})
+        assert reply.code == "protocol-error"
+        assert "x-multifd-packet-size must be an integer" in reply.error

@@ -13,7 +13,7 @@ import pytest
 
 from migrate_common.net import parse_address
 from tests.conftest import wait_status
-from tests.fakesource import FakeSource, device_packets, shuffled_schedule
+from tests.fakesource import FakeSource, device_packets, refused_hello, shuffled_schedule
 from protocol.control import Command, CommandType, HelloReply, Shut
 from vm.properties import parse_device_option
 
@@ -158,16 +158,8 @@ async def test_x_uniform_device_packets_from_a_source_must_be_boolean(pair_facto
     configs = [parse_device_option(UNIFORM_DEVICES[0])]
     async with pair_factory(UNIFORM_DEVICES[:1]) as pair:
         await pair.configure(multifd=True, channels=2, side="dst")
-        fake = FakeSource(parse_address(await pair.uri()), channels=2)
-        try:
-            await fake.connect_all()
-            hello = fake.hello(configs)
-            hello.parameters["x-uniform-device-packets"] = "yes"
-            await fake.send(hello)
-            reply = await fake.receive()
-            assert isinstance(reply, Shut) and not reply.ok
-            assert reply.code == "protocol-error"
-            assert "x-uniform-device-packets must be a boolean, got 'yes'" in reply.error
-        finally:
-            fake.close()
+        reply = await refused_hello(parse_address(await pair.uri()),
+                                    {"x-uniform-device-packets": "yes"}, configs)
+        assert reply.code == "protocol-error"
+        assert "x-uniform-device-packets must be a boolean, got 'yes'" in reply.error
         await wait_status(pair.dst, "failed")

@@ -180,6 +180,14 @@ def test_after_stop_every_call_raises_stopped() -> None:
 # -- send_all / recv_into -------------------------------------------------------------------
 
 
+def drain(sock: socket.socket) -> bytes:
+    """Everything ``sock`` receives until EOF."""
+    parts = []
+    while chunk := sock.recv(65536):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_send_all_gathers_buffers_exactly(kind: str) -> None:
     header = b"HDR" + bytes(range(9))
@@ -192,13 +200,7 @@ def test_send_all_gathers_buffers_exactly(kind: str) -> None:
         hand_to_thread(b)
         stopper = Stopper(a)
 
-        def receive() -> bytes:
-            parts = []
-            while chunk := b.recv(65536):
-                parts.append(chunk)
-            return b"".join(parts)
-
-        reader = InThread(receive)
+        reader = InThread(lambda: drain(b))
         assert send_all(a, buffers, stopper, 5.0) == len(expected)
         assert send_all(a, [], stopper) == 0
         assert send_all(a, [b"", bytearray()], stopper) == 0
@@ -216,13 +218,7 @@ def test_send_all_takes_more_views_than_one_call_does() -> None:
         hand_to_thread(b)
         stopper = Stopper(a)
 
-        def receive() -> bytes:
-            parts = []
-            while chunk := b.recv(65536):
-                parts.append(chunk)
-            return b"".join(parts)
-
-        reader = InThread(receive)
+        reader = InThread(lambda: drain(b))
         assert send_all(a, views, stopper, 5.0) == len(expected)
         a.shutdown(socket.SHUT_WR)
         assert reader.result() == expected

@@ -175,8 +175,9 @@ class DeviceStateJob(Job):
 
 class RamJob(Job):
     """Up to :attr:`MultifdSender.job_packets` RAM packets, each of up to
-    ``page_count`` pages of one block, sent back to back with one ``sendmsg`` (fewer trips between the event loop
-    and the channel thread; the wire is the same as one packet per job).
+    ``page_count`` pages of one block, sent back to back with one ``sendmsg`` (fewer
+    trips between the event loop and the channel thread; the wire is the same as one
+    packet per job).
 
     Zero-page detection runs here, in the channel's thread (QEMU's
     ``zero-page-detection=multifd``): each batch is split into normal pages, whose

@@ -35,12 +35,7 @@ from protocol.channel import (
 )
 from protocol.compression import PacketDecompressor, method_flag
 from protocol.errors import ChannelError, SequenceError, UnknownDeviceError
-from protocol.multifd import (
-    MULTIFD_PACKET_SIZE,
-    DeviceStateHeader,
-    ram_packet_size,
-    ram_page_count,
-)
+from protocol.multifd import MULTIFD_PACKET_SIZE, DeviceStateHeader
 from protocol.vfio import VFIO_STATE_PACKET_HEADER
 
 __all__ = ["BufferPool", "ReceiveChannel"]
@@ -140,8 +135,7 @@ class ReceiveChannel:
         self.closed = False
         self._stopper = Stopper(sock)
         self._credits = threading.Semaphore(AHEAD)
-        self._header_read = max(HEADER_READ,
-                                ram_packet_size(ram_page_count(page_size, packet_size)))
+        self._header_read = max(HEADER_READ, self.decoder.ram_header_size)
         self._thread: threading.Thread | None = None
 
     def allocate(self, size: int) -> memoryview:

@@ -175,6 +175,11 @@ class ChannelDecoder(StreamDecoder[ChannelEvent]):
         return self._packets
 
     @property
+    def ram_header_size(self) -> int:
+        """Bytes of a RAM packet before its payload (packet header and offset array)."""
+        return PACKET_HEADER_SIZE + self._ram_body_size
+
+    @property
     def init(self) -> ChannelInit | None:
         """The channel init, once received."""
         return self._init

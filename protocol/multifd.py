@@ -196,10 +196,11 @@ def ram_page_count(page_size: int, packet_size: int = MULTIFD_PACKET_SIZE) -> in
             or packet_size & (packet_size - 1)):
         raise ConfigError(f"RAM packet size must be a power of two of at least the page "
                           f"size ({page_size}), got {packet_size!r}")
-    if packet_size // page_size > MAX_PAGE_COUNT:
-        raise ConfigError(f"RAM packet size {packet_size} holds {packet_size // page_size} "
-                          f"pages of {page_size} bytes; at most {MAX_PAGE_COUNT} fit a packet")
-    return packet_size // page_size
+    count = packet_size // page_size
+    if count > MAX_PAGE_COUNT:
+        raise ConfigError(f"RAM packet size {packet_size} holds {count} pages of "
+                          f"{page_size} bytes; at most {MAX_PAGE_COUNT} fit a packet")
+    return count
 
 
 def ram_packet_size(page_count: int) -> int:

@@ -249,6 +249,7 @@ def test_ram_packet_bytes_sets_the_offset_array() -> None:
     big = RamPacket(0, 512, 2, 2 * PAGE, 1, 0, "pc.ram", (0x1000, 0x1FF000))
     data = INIT.encode() + big.encode(512) + PAGES + SYNC.encode(512)
     decoder = ChannelDecoder(ram_packet_bytes=2 << 20)
+    assert decoder.ram_header_size == 4416 and ChannelDecoder().ram_header_size == 1344
     assert plain(decoder.feed(data))[1:] == [("ram", big, PAGES), ("ram", SYNC, b"")]
     with pytest.raises(RemoteProtocolError):
         ChannelDecoder().feed(data)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import os
 import shutil
 import signal
@@ -35,13 +36,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import pagereport  # noqa: E402
-from bench.harness import daemon_pair, digests_match, migrate  # noqa: E402
+from bench.harness import GiB, MiB, daemon_pair, digests_match, migrate  # noqa: E402
+from vm.properties import parse_size  # noqa: E402
 
 KINDS = {
     "ram": ([], ["--memory", "2G,fill=random"], ["--memory", "2G"]),
@@ -138,7 +141,7 @@ def summarise(samples: list[tuple[int, int, str, str, str]], freq: int,
 
 
 async def run(kind: str, channels: int, freq: int, symbols: int = 0,
-              device_count: int = 4) -> None:
+              device_count: int = 4, parameters: dict[str, Any] | None = None) -> None:
     devices, src_args, dst_args = KINDS[kind]
     if kind == "devices" and device_count != len(devices):  # the same 2 GiB, split
         devices = [f"vfio-sim,id=dev{i},state-size={2048 // device_count}M"
@@ -161,7 +164,8 @@ async def run(kind: str, channels: int, freq: int, symbols: int = 0,
             t0 = time.monotonic()
             try:
                 sample = await migrate(src, dst, multifd=channels > 0,
-                                       channels=max(channels, 1), timeout=120, verify=False)
+                                       channels=max(channels, 1), timeout=120, verify=False,
+                                       parameters=parameters)
             finally:
                 watcher.cancel()
             wall = time.monotonic() - t0
@@ -186,7 +190,10 @@ async def run(kind: str, channels: int, freq: int, symbols: int = 0,
             total = sum(row.values())
             top = ", ".join(f"{dso} {sec:.2f}" for dso, sec in row.most_common(5))
             print(f"  {who:<12} {total:5.2f} CPU s: {top}")
-        packets = 2048 if kind == "devices" else 4096  # 1 MiB / 512 KiB packets in 2 GiB
+        # 1 MiB device-state packets; RAM packets of x-multifd-packet-size
+        packet = (MiB if kind == "devices"
+                  else parse_size((parameters or {}).get("x-multifd-packet-size", "2M")))
+        packets = 2 * GiB // packet
         for who, (vol, invol, threads) in switches.totals().items():
             print(f"  {who:<12} {vol} voluntary + {invol} involuntary context switches in "
                   f"{threads} threads, {vol / packets:.1f} voluntary per packet")
@@ -211,14 +218,27 @@ def main() -> None:
     ap.add_argument("--symbols", type=int, default=0, metavar="N",
                     help="also list the N functions (kernel, interpreter, libraries) each "
                          "daemon spent most CPU time in")
+    ap.add_argument("--parameter", action="append", default=[], metavar="NAME=JSON",
+                    help="a migration parameter for the source (and the destination "
+                         "where both must agree), e.g. 'x-verify-ram=false'; repeatable")
     args = ap.parse_args()
+    parameters: dict[str, Any] = {}
+    for item in args.parameter:
+        name, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"--parameter {item!r}: expected NAME=JSON")
+        try:
+            parameters[name] = json.loads(value)
+        except json.JSONDecodeError:
+            parameters[name] = value  # a bare word: a string such as 512K
     if shutil.which("perf") is None:
         sys.exit("perf is not installed (Debian: apt-get install linux-perf)")
     if args.kind != "devices" and args.devices != 4:
         sys.exit("--devices is for the 'devices' kind")
     if args.devices < 1 or 2048 % args.devices:
         sys.exit("--devices must divide 2048 (MiB): 1, 2, 4, ... 2048")
-    asyncio.run(run(args.kind, args.channels, args.freq, args.symbols, args.devices))
+    asyncio.run(run(args.kind, args.channels, args.freq, args.symbols, args.devices,
+                    parameters))
 
 
 if __name__ == "__main__":

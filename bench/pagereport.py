@@ -109,19 +109,32 @@ def _quiet_for() -> float:
     return time.monotonic() - max(_watch.changed, _freed)
 
 
+def _next_wait(quiet: float, t0: float, limit: float) -> float:
+    """Seconds to sleep before looking again, or 0 when the wait begun at ``t0`` is
+    over (quiet long enough, or ``limit`` reached)."""
+    left = quiet - _quiet_for()
+    if left <= 0 or time.monotonic() - t0 >= limit:
+        return 0.0
+    return min(left, _POLL)
+
+
 def settle_sync(quiet: float | None = None, limit: float = LIMIT) -> float:
     """Block until no pass and no big free for ``quiet`` s (default :data:`QUIET`; at
     most ``limit``); the seconds waited."""
-    quiet = QUIET if quiet is None else quiet
     t0 = time.monotonic()
-    while (left := quiet - _quiet_for()) > 0 and time.monotonic() - t0 < limit:
-        time.sleep(min(left, _POLL))
+    while (step := _next_wait(QUIET if quiet is None else quiet, t0, limit)) > 0:
+        time.sleep(step)
     return round(time.monotonic() - t0, 3)
 
 
 async def settle(quiet: float | None = None, limit: float = LIMIT) -> float:
-    """:func:`settle_sync` without blocking the event loop."""
-    return await asyncio.to_thread(settle_sync, quiet, limit)
+    """:func:`settle_sync` on the event loop: polls with ``asyncio.sleep``, so that an
+    interrupted benchmark stops at once (a worker thread would hold ``asyncio.run``
+    until the wait ended, up to :data:`LIMIT` s)."""
+    t0 = time.monotonic()
+    while (step := _next_wait(QUIET if quiet is None else quiet, t0, limit)) > 0:
+        await asyncio.sleep(step)
+    return round(time.monotonic() - t0, 3)
 
 
 def disturbance(mib: float | None) -> str | None:

@@ -243,6 +243,29 @@ def test_settle_waits_after_a_big_free_for_the_pass_it_brings(tmp_path, monkeypa
     assert time.monotonic() - t0 >= 0.3 and waited >= 0.29
 
 
+
+async def test_settle_on_the_loop_waits_and_stops_at_once_when_cancelled(tmp_path, monkeypatch):
+    import asyncio
+    import time
+
+    counter = tmp_path / "reported_kib"
+    counter.write_text("0")
+    pagereport = _fresh_pagereport(monkeypatch, counter)
+    await pagereport.settle(quiet=0.1)
+    pagereport.note_freed()
+    t0 = time.monotonic()
+    assert await pagereport.settle(quiet=0.3, limit=5.0) >= 0.29
+    assert time.monotonic() - t0 >= 0.29
+    # an interrupted benchmark (Ctrl-C, SIGTERM) does not sit out the wait
+    pagereport.note_freed()
+    task = asyncio.ensure_future(pagereport.settle(quiet=20.0, limit=30.0))
+    await asyncio.sleep(0.1)
+    t0 = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - t0 < 0.5
+
 # -- the per-packet timeline ----------------------------------------------------------------
 
 @pytest.mark.e2e

@@ -44,7 +44,6 @@ if str(ROOT) not in sys.path:
 
 from bench import pagereport  # noqa: E402
 from bench.harness import GiB, MiB, daemon_pair, digests_match, migrate  # noqa: E402
-from vm.properties import parse_size  # noqa: E402
 
 KINDS = {
     "ram": ([], ["--memory", "2G,fill=random"], ["--memory", "2G"]),
@@ -192,7 +191,7 @@ async def run(kind: str, channels: int, freq: int, symbols: int = 0,
             print(f"  {who:<12} {total:5.2f} CPU s: {top}")
         # 1 MiB device-state packets; RAM packets of x-multifd-packet-size
         packet = (MiB if kind == "devices"
-                  else parse_size((parameters or {}).get("x-multifd-packet-size", "2M")))
+                  else int((parameters or {}).get("x-multifd-packet-size", 2 * MiB)))
         packets = 2 * GiB // packet
         for who, (vol, invol, threads) in switches.totals().items():
             print(f"  {who:<12} {vol} voluntary + {invol} involuntary context switches in "
@@ -219,8 +218,8 @@ def main() -> None:
                     help="also list the N functions (kernel, interpreter, libraries) each "
                          "daemon spent most CPU time in")
     ap.add_argument("--parameter", action="append", default=[], metavar="NAME=JSON",
-                    help="a migration parameter for the source (and the destination "
-                         "where both must agree), e.g. 'x-verify-ram=false'; repeatable")
+                    help="a migration parameter, set on both daemons as ab.py does, e.g. "
+                         "'x-verify-ram=false' or 'x-multifd-packet-size=524288'; repeatable")
     args = ap.parse_args()
     parameters: dict[str, Any] = {}
     for item in args.parameter:
@@ -230,7 +229,7 @@ def main() -> None:
         try:
             parameters[name] = json.loads(value)
         except json.JSONDecodeError:
-            parameters[name] = value  # a bare word: a string such as 512K
+            sys.exit(f"--parameter {name}: {value!r} is not JSON (a string needs quotes)")
     if shutil.which("perf") is None:
         sys.exit("perf is not installed (Debian: apt-get install linux-perf)")
     if args.kind != "devices" and args.devices != 4:

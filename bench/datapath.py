@@ -9,7 +9,10 @@ multifd packet), receiving into preallocated buffers, and reports GB/s for:
 * ``threads`` — each process runs one thread per stream with blocking
                 ``sendmsg`` / ``recv_into`` (both release the GIL during the copy);
 * ``procs``   — as ``threads``, but a process of its own per stream on each side
-                (no GIL shared between streams; ``--spread`` memory is shared).
+                (no GIL shared between streams; ``--spread`` memory is shared);
+* ``pool``    — ``--pool K`` threads on each side (default 2), each serving every
+                K-th stream with non-blocking sockets and ``poll``: fewer threads
+                than streams, so fewer sleeps and wake-ups per packet.
 
 ``--work US`` adds US microseconds of Python per packet on each side, holding the
 GIL (a migration decodes, checks and places every packet): how much of the threads'
@@ -19,6 +22,7 @@ Run:  python bench/datapath.py --streams 1 2 4 8 --size 2G
       python bench/datapath.py --modes threads --spread 2G --streams 1 4   # distinct memory
       python bench/datapath.py --modes threads procs --spread 2G --packet 512K \
           --streams 4 16 --work 20
+      python bench/datapath.py --modes threads pool --spread 2G --streams 4 16 --bufsize 64K
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import select
 import socket
 import struct
 import threading
@@ -146,6 +151,111 @@ def _recv_process(sock: socket.socket, packet: int, start: int, part: int,
     done.put((counter[0] + packet, first, time.perf_counter()))
 
 
+# -- K threads, each polling several non-blocking streams ---------------------------------
+POOL = 2  # --pool: threads per side in the pool mode
+
+
+def _spread_view(packet: int) -> memoryview:
+    assert SPREAD is not None
+    pos = _spread_pos[0]
+    _spread_pos[0] = (pos + packet) % (len(SPREAD) - packet + 1)
+    return SPREAD[pos:pos + packet]
+
+
+def _send_polling(socks: list[socket.socket], counts: list[int], payload: memoryview,
+                  region: memoryview | None, starts: list[int]) -> None:
+    """Send ``counts[i]`` packets on ``socks[i]``, all from this one thread."""
+    hdr = memoryview(HEADER.pack(0x11223344, 1, 0x40))
+    size = len(payload)
+    left = dict(zip(socks, counts, strict=True))
+    pos = dict(zip(socks, starts, strict=True))
+    pending: dict[socket.socket, list[memoryview]] = {s: [] for s in socks}
+    poller = select.poll()
+    fds = {s.fileno(): s for s in socks}
+    for s in socks:
+        s.setblocking(False)
+        poller.register(s, select.POLLOUT)
+    while fds:
+        for fd, _ in poller.poll():
+            sock = fds[fd]
+            views = pending[sock]
+            while True:
+                if not views:
+                    if not left[sock]:
+                        poller.unregister(fd)
+                        del fds[fd]
+                        sock.setblocking(True)
+                        sock.shutdown(socket.SHUT_WR)
+                        break
+                    _python_work()
+                    left[sock] -= 1
+                    data = payload
+                    if region is not None:
+                        if pos[sock] + size > len(region):
+                            pos[sock] = 0
+                        data = region[pos[sock]:pos[sock] + size]
+                        pos[sock] += size
+                    views[:] = [hdr, data]
+                try:
+                    sent = sock.sendmsg(views)
+                except BlockingIOError:
+                    break
+                while sent:
+                    if sent >= len(views[0]):
+                        sent -= len(views[0])
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][sent:]
+                        sent = 0
+
+
+def _recv_polling(socks: list[socket.socket], packet: int, counter: list[int]) -> None:
+    """Receive packets from every one of ``socks`` until each reaches EOF."""
+    total = 0
+    # per socket: the view being filled, and whether it is a header
+    state: dict[socket.socket, tuple[memoryview, bool]] = {
+        s: (memoryview(bytearray(HEADER.size)), True) for s in socks}
+    own_buf = {s: memoryview(bytearray(packet)) for s in socks}
+    poller = select.poll()
+    fds = {s.fileno(): s for s in socks}
+    for s in socks:
+        s.setblocking(False)
+        poller.register(s, select.POLLIN)
+    while fds:
+        for fd, _ in poller.poll():
+            sock = fds[fd]
+            view, is_header = state[sock]
+            while True:
+                try:
+                    n = sock.recv_into(view)
+                except BlockingIOError:
+                    break
+                if n == 0:
+                    poller.unregister(fd)
+                    del fds[fd]
+                    break
+                if n < len(view):
+                    view = view[n:]
+                    continue
+                if is_header:  # header complete: the payload goes to its place
+                    _python_work()
+                    view = _spread_view(packet) if SPREAD is not None else own_buf[sock]
+                    is_header = False
+                else:
+                    total += packet
+                    view, is_header = memoryview(bytearray(HEADER.size)), True
+            state[sock] = (view, is_header)
+    counter.append(total)
+
+
+def _pool(target: object, groups: list[tuple[object, ...]]) -> None:
+    threads = [threading.Thread(target=target, args=args) for args in groups]  # type: ignore[arg-type]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 # -- one uvloop event loop ---------------------------------------------------------------
 async def _send_loop(socks: list[socket.socket], shares: list[int], payload: memoryview) -> None:
     from migrate_common.net import sendmsg_all
@@ -225,6 +335,11 @@ def _receiver(mode: str, port_q: mp.Queue, result_q: mp.Queue, streams: int,
         for t in threads:
             t.join()
         total = sum(counter)
+    elif mode == "pool":
+        counter = []
+        k = min(POOL, streams)
+        _pool(_recv_polling, [(socks[i::k], packet, counter) for i in range(k)])
+        total = sum(counter)
     elif mode == "procs":
         ctx = mp.get_context("fork")
         done: mp.Queue = ctx.Queue()
@@ -262,7 +377,13 @@ def _sender(mode: str, port: int, streams: int, size: int, packet: int) -> None:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _size_buffers(s, socket.SO_SNDBUF)
     shares = _shares(size, streams, packet)
-    if mode in ("threads", "procs"):
+    if mode == "pool":
+        part = (SPREAD_SIZE // max(1, streams)) // packet * packet
+        starts = [i * part for i in range(streams)]
+        k = min(POOL, streams)
+        _pool(_send_polling, [(socks[i::k], shares[i::k], payload, region, starts[i::k])
+                              for i in range(k)])
+    elif mode in ("threads", "procs"):
         part = (SPREAD_SIZE // max(1, streams)) // packet * packet
         runner = (threading.Thread if mode == "threads"
                   else mp.get_context("fork").Process)
@@ -314,8 +435,11 @@ def main() -> None:
                         help="threads and procs modes: send from and receive into this much pre-faulted "
                              "memory, each packet at the next place (like guest RAM or "
                              "device state), not one buffer that stays in the caches")
+    parser.add_argument("--pool", type=int, default=2, metavar="K",
+                        help="pool mode: threads per side, each polling every K-th stream")
     args = parser.parse_args()
-    global BUFSIZE, SPREAD_SIZE, WORK, SHARED_MEMORY
+    global BUFSIZE, SPREAD_SIZE, WORK, SHARED_MEMORY, POOL
+    POOL = max(1, args.pool)
     WORK = args.work / 1e6
     SHARED_MEMORY = args.shared_memory
     BUFSIZE = parse_size(args.bufsize)

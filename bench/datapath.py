@@ -60,6 +60,17 @@ def _python_work() -> None:
             pass
 
 
+def _advance(views: list[memoryview], sent: int) -> None:
+    """Drop the ``sent`` bytes a ``sendmsg`` took from the front of ``views``."""
+    while sent:
+        if sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
+
+
 # -- blocking, one thread (or process) per stream ------------------------------------------
 def _send_blocking(sock: socket.socket, packets: int, payload: memoryview,
                    region: memoryview | None = None, start: int = 0) -> None:
@@ -75,14 +86,7 @@ def _send_blocking(sock: socket.socket, packets: int, payload: memoryview,
             pos += size
         views = [memoryview(hdr), payload]
         while views:
-            sent = sock.sendmsg(views)
-            while sent:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+            _advance(views, sock.sendmsg(views))
     sock.shutdown(socket.SHUT_WR)
 
 
@@ -162,6 +166,17 @@ def _spread_view(packet: int) -> memoryview:
     return SPREAD[pos:pos + packet]
 
 
+def _polled(socks: list[socket.socket], event: int
+            ) -> tuple[select.poll, dict[int, socket.socket]]:
+    """``socks`` made non-blocking and registered for ``event``; the poll object and
+    the sockets by file descriptor."""
+    poller = select.poll()
+    for s in socks:
+        s.setblocking(False)
+        poller.register(s, event)
+    return poller, {s.fileno(): s for s in socks}
+
+
 def _send_polling(socks: list[socket.socket], counts: list[int], payload: memoryview,
                   region: memoryview | None, starts: list[int]) -> None:
     """Send ``counts[i]`` packets on ``socks[i]``, all from this one thread."""
@@ -170,11 +185,7 @@ def _send_polling(socks: list[socket.socket], counts: list[int], payload: memory
     left = dict(zip(socks, counts, strict=True))
     pos = dict(zip(socks, starts, strict=True))
     pending: dict[socket.socket, list[memoryview]] = {s: [] for s in socks}
-    poller = select.poll()
-    fds = {s.fileno(): s for s in socks}
-    for s in socks:
-        s.setblocking(False)
-        poller.register(s, select.POLLOUT)
+    poller, fds = _polled(socks, select.POLLOUT)
     while fds:
         for fd, _ in poller.poll():
             sock = fds[fd]
@@ -200,13 +211,7 @@ def _send_polling(socks: list[socket.socket], counts: list[int], payload: memory
                     sent = sock.sendmsg(views)
                 except BlockingIOError:
                     break
-                while sent:
-                    if sent >= len(views[0]):
-                        sent -= len(views[0])
-                        views.pop(0)
-                    else:
-                        views[0] = views[0][sent:]
-                        sent = 0
+                _advance(views, sent)
 
 
 def _recv_polling(socks: list[socket.socket], packet: int, counter: list[int]) -> None:
@@ -216,11 +221,7 @@ def _recv_polling(socks: list[socket.socket], packet: int, counter: list[int]) -
     state: dict[socket.socket, tuple[memoryview, bool]] = {
         s: (memoryview(bytearray(HEADER.size)), True) for s in socks}
     own_buf = {s: memoryview(bytearray(packet)) for s in socks}
-    poller = select.poll()
-    fds = {s.fileno(): s for s in socks}
-    for s in socks:
-        s.setblocking(False)
-        poller.register(s, select.POLLIN)
+    poller, fds = _polled(socks, select.POLLIN)
     while fds:
         for fd, _ in poller.poll():
             sock = fds[fd]

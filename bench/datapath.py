@@ -415,6 +415,9 @@ def measure(mode: str, streams: int, size: int, packet: int) -> float:
     total, seconds = result_q.get(timeout=300)
     send.join()
     recv.join()
+    expected = sum(_shares(size, streams, packet)) * packet
+    if total != expected:
+        raise RuntimeError(f"{mode}: the receiver got {total} bytes, {expected} were sent")
     return total / seconds / 1e9
 
 

@@ -368,3 +368,21 @@ def test_packet_cost_takes_scattered_pages_through_both_sides():
             assert r["runs-per-packet"] == 1 and r["normal-per-packet"] == 128
         else:  # about half the pages zero, at random: many short runs
             assert 20 < r["normal-per-packet"] < 108 and r["runs-per-packet"] > 10
+
+
+# -- bench/datapath.py ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, extra", [
+    ("loop", []),
+    ("threads", []),
+    ("pool", ["--pool", "2"]),            # 3 streams over 2 polling threads: uneven
+    ("pool", ["--pool", "2", "--spread", "4M"]),
+])
+def test_datapath_modes_move_every_byte(mode, extra):
+    cmd = [sys.executable, str(ROOT / "bench" / "datapath.py"), "--modes", mode,
+           "--streams", "3", "--size", "8M", "--packet", "64K", "--repeat", "1",
+           "--bufsize", "64K", *extra]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    row = run.stdout.strip().splitlines()[-1].split()
+    assert row[0] == "3" and float(row[1]) > 0

@@ -1,5 +1,6 @@
 """The benchmark harness: a smoke run of bench/run.py --quick on one scenario with real
-daemons, and how the ratios are taken from the samples."""
+daemons, how the ratios are taken from the samples, the waits for the hypervisor, the
+timeline and packet-cost tools, and every mode of the bare data-path tool (bench/datapath.py)."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 HEADER = struct.Struct(">III")
 
@@ -249,8 +250,9 @@ def _recv_polling(socks: list[socket.socket], packet: int, counter: list[int]) -
     counter.append(total)
 
 
-def _pool(target: object, groups: list[tuple[object, ...]]) -> None:
-    threads = [threading.Thread(target=target, args=args) for args in groups]  # type: ignore[arg-type]
+def _pool(target: Callable[..., None], groups: list[tuple[object, ...]]) -> None:
+    """Run ``target`` in a thread per argument tuple and wait for them all."""
+    threads = [threading.Thread(target=target, args=args) for args in groups]
     for t in threads:
         t.start()
     for t in threads:

@@ -244,7 +244,6 @@ def test_settle_waits_after_a_big_free_for_the_pass_it_brings(tmp_path, monkeypa
     assert time.monotonic() - t0 >= 0.3 and waited >= 0.29
 
 
-
 async def test_settle_on_the_loop_waits_and_stops_at_once_when_cancelled(tmp_path, monkeypatch):
     import asyncio
     import time
@@ -266,6 +265,7 @@ async def test_settle_on_the_loop_waits_and_stops_at_once_when_cancelled(tmp_pat
     with pytest.raises(asyncio.CancelledError):
         await task
     assert time.monotonic() - t0 < 0.5
+
 
 # -- the per-packet timeline ----------------------------------------------------------------
 

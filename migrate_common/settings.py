@@ -45,6 +45,9 @@ PARAMETER_DEFAULTS: dict[str, Any] = {
     "x-verify-ram": True,             # compare guest RAM digests before the destination runs
     # bytes of guest pages per multifd RAM packet; QEMU's is fixed at 512 KiB
     "x-multifd-packet-size": 2 * 1024 * 1024,
+    # data bytes per multifd device-state packet (source), the most accepted
+    # (destination); QEMU reads device state in pieces of 1 MiB
+    "x-device-state-packet-size": 4 * 1024 * 1024,
 }
 
 #: parameters that are booleans (QMP true/false; on/off and the like as text)
@@ -67,9 +70,11 @@ _INT_RANGES = {
     "x-channel-stall-timeout": (100, 3_600_000),
     "x-socket-buffer-size": (-1, 64 * 1024 * 1024),
     "x-multifd-packet-size": (4096, 2 * 1024 * 1024),
+    "x-device-state-packet-size": (4096, 8 * 1024 * 1024),
 }
 #: integer parameters that are sizes: ``1G``, ``512K`` as text
-SIZE_PARAMETERS = frozenset({"max-bandwidth", "x-socket-buffer-size", "x-multifd-packet-size"})
+SIZE_PARAMETERS = frozenset({"max-bandwidth", "x-socket-buffer-size", "x-multifd-packet-size",
+                             "x-device-state-packet-size"})
 #: integer parameters that must be a power of two
 _POWERS_OF_TWO = frozenset({"x-multifd-packet-size"})
 _COMPRESSION = ("none", "zlib", "zstd")

@@ -64,12 +64,16 @@ class SectionKind(enum.Enum):
 class VfioLoadHandler:
     def __init__(self, device: VfioSimDevice, *, multifd_transfer: bool,
                  load_config_after_iter: bool, switchover_ack: bool, funnel: Funnel,
-                 log: Any, on_ack: Callable[[], None], uniform_packets: bool = False) -> None:
+                 log: Any, on_ack: Callable[[], None], uniform_packets: bool = False,
+                 packet_size: int = MAX_DATA_BUFFER_SIZE) -> None:
         self.device = device
         self.multifd_transfer = multifd_transfer
         # the source promised that every data packet but the last holds exactly the
         # device's data buffer size (x-uniform-device-packets): see Reassembly
         self.uniform_packets = uniform_packets
+        # the most data a device-state packet may carry: the source's announced
+        # x-device-state-packet-size, which the hello check kept within ours
+        self.packet_size = packet_size
         self.load_config_after_iter = load_config_after_iter
         self.switchover_ack = switchover_ack
         self.funnel = funnel
@@ -104,7 +108,8 @@ class VfioLoadHandler:
                 self.device.id, max_count=cfg.max_queued_buffers,
                 max_bytes=cfg.max_queued_buffers_size,
                 capacity=cfg.precopy_size + cfg.state_size, target=self.device.resume_target,
-                uniform_size=self.device.data_buffer_size if self.uniform_packets else None)
+                uniform_size=(self.device.buffer_size(self.packet_size)
+                              if self.uniform_packets else None))
             # The load thread starts now and waits for SWITCHOVER_START inside the
             # reassembly: starting 64 threads when the VM is already stopped cost
             # milliseconds of downtime each on a busy machine.
@@ -232,12 +237,12 @@ class VfioLoadHandler:
                                 "doing multifd transfer")
         return self.reassembly
 
-    @staticmethod
-    def _data_size(header: VfioStatePacketHeader, size: int) -> int:
-        if not header.is_config and size > MAX_DATA_BUFFER_SIZE:
+    def _data_size(self, header: VfioStatePacketHeader, size: int) -> int:
+        limit = self.packet_size
+        if not header.is_config and size > limit:
             raise LimitExceededError(
                 f"VFIO device-state packet idx {header.idx}: {size} bytes of data exceed "
-                f"the limit of {MAX_DATA_BUFFER_SIZE}", limit=MAX_DATA_BUFFER_SIZE, value=size)
+                f"the limit of {limit} (x-device-state-packet-size)", limit=limit, value=size)
         return size
 
     async def switchover_start(self) -> None:

@@ -88,6 +88,7 @@ from protocol.errors import (
     VerificationError,
 )
 from protocol.multifd import MULTIFD_PACKET_SIZE, ChannelInit
+from protocol.vfio import MAX_DATA_BUFFER_SIZE
 from vm.machine import RunState, VirtualMachine
 from vm.vfio_sim import DeviceState
 
@@ -135,6 +136,7 @@ class IncomingMigration:
         self.return_path: bool | None = None
         self.switchover_ack = False
         self.uniform_device_packets = False  # from the hello: see Reassembly
+        self.device_packet_size = MAX_DATA_BUFFER_SIZE  # from the hello: the source's
         self._acks_needed = 0
         self._ack_sent = False
         self.checkpoints: dict[str, float] = {}
@@ -467,6 +469,19 @@ class IncomingMigration:
             raise ConfigError(f"x-multifd-packet-size differs: source {packet_size}, "
                               f"destination {self.settings.param('x-multifd-packet-size')}; "
                               "set it on both sides")
+        # a source that predates the parameter reads device state in QEMU's 1 MiB pieces
+        device_packet = hello.parameters.get("x-device-state-packet-size", MAX_DATA_BUFFER_SIZE)
+        if type(device_packet) is not int or device_packet < 1:
+            raise RemoteProtocolError(f"hello: x-device-state-packet-size must be a positive "
+                                      f"integer, got {device_packet!r}")
+        accepted = self.settings.param("x-device-state-packet-size")
+        if (device_packet > accepted
+                and any(d.multifd_transfer for d in hello.devices)):
+            raise ConfigError(f"x-device-state-packet-size: the source sends device-state "
+                              f"packets of up to {device_packet} bytes, this destination "
+                              f"accepts at most {accepted}; raise it here or lower it on the "
+                              "source")
+        self.device_packet_size = device_packet
         src_ram = int(hello.parameters.get("ram-size", 0))
         dst_ram = self.vm.ram.total_size if self.vm.ram is not None else 0
         if src_ram != dst_ram:
@@ -531,7 +546,8 @@ class IncomingMigration:
                 device, multifd_transfer=desc.multifd_transfer,
                 load_config_after_iter=desc.load_config_after_iter,
                 switchover_ack=self.switchover_ack, funnel=self.funnel, log=self.log,
-                on_ack=self._device_acked, uniform_packets=self.uniform_device_packets)
+                on_ack=self._device_acked, uniform_packets=self.uniform_device_packets,
+                packet_size=self.device_packet_size)
             self.handlers[desc.id] = handler
             self._by_idstr[(device.idstr, device.instance_id)] = handler
         if self.ram_handler is not None:

@@ -283,7 +283,8 @@ class OutgoingMigration:
                                                          mode)
             self.handlers.append(VfioSaveHandler(
                 device, section_id, multifd_transfer=mode, load_config_after_iter=interlock,
-                switchover_ack=settings.cap("switchover-ack"), main=self.main, log=self.log))
+                switchover_ack=settings.cap("switchover-ack"), main=self.main, log=self.log,
+                packet_size=settings.param("x-device-state-packet-size")))
             descriptors.append(DeviceDescriptor(
                 id=device.id, driver=device.config.driver, idstr=device.idstr,
                 instance_id=device.instance_id, version_id=device.version_id,
@@ -313,6 +314,9 @@ class OutgoingMigration:
                         "x-uniform-device-packets": True,
                         # guest bytes per RAM packet (QEMU: always 512 KiB)
                         "x-multifd-packet-size": settings.param("x-multifd-packet-size"),
+                        # data bytes per device-state packet (QEMU: at most 1 MiB)
+                        "x-device-state-packet-size":
+                            settings.param("x-device-state-packet-size"),
                         "ram-size": self.vm.ram.total_size if self.vm.ram is not None else 0},
             devices=tuple(descriptors))
         await self.main.send(hello)

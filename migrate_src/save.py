@@ -31,6 +31,7 @@ from protocol.control import VfioRecord
 from protocol.errors import StateError
 from protocol.multifd import DeviceStateHeader
 from protocol.vfio import (
+    MAX_DATA_BUFFER_SIZE,
     VFIO_STATE_PACKET_HEADER,
     VfioMigFlag,
     VfioPacketFlags,
@@ -49,7 +50,7 @@ class VfioSaveHandler:
 
     def __init__(self, device: VfioSimDevice, section_id: int, *, multifd_transfer: bool,
                  load_config_after_iter: bool, switchover_ack: bool, main: MainChannel,
-                 log: Any) -> None:
+                 log: Any, packet_size: int = MAX_DATA_BUFFER_SIZE) -> None:
         self.device = device
         self.section_id = section_id
         self.multifd_transfer = multifd_transfer
@@ -61,7 +62,9 @@ class VfioSaveHandler:
         self.precopy_bytes = 0
         self.stopcopy_bytes = 0
         self.packets = 0
-        self.buffer_size = 1
+        self.buffer_size = 1          # main channel: QEMU's read size
+        self.packet_size = packet_size  # x-device-state-packet-size
+        self.packet_data_size = 1     # multifd: data bytes per device-state packet
         self._init_data_sent = False
         self._precopy_done = False
 
@@ -80,6 +83,7 @@ class VfioSaveHandler:
     # -- setup and live phase -----------------------------------------------------------
     async def save_setup(self) -> None:
         self.buffer_size = self.device.data_buffer_size
+        self.packet_data_size = self.device.buffer_size(self.packet_size)
         await self.main.send(VfioRecord(VfioMigFlag.DEV_SETUP_STATE))
         await self.main.send(VfioRecord(VfioMigFlag.END_OF_STATE))
         if self.device.config.precopy_size > 0:
@@ -158,14 +162,14 @@ class VfioSaveHandler:
         while True:
             if abort.is_set():
                 return
-            chunk = await self.device.read(self.buffer_size)
+            chunk = await self.device.read(self.packet_data_size)
             if not len(chunk):
                 break
             if short:  # the hello promised the destination uniform packets
                 raise StateError(f"device {self.device.id}: read {len(chunk)} bytes after a "
-                                 f"short read: data packets must hold {self.buffer_size} "
-                                 "bytes but the last")
-            short = len(chunk) < self.buffer_size
+                                 f"short read: data packets must hold "
+                                 f"{self.packet_data_size} bytes but the last")
+            short = len(chunk) < self.packet_data_size
             await self._queue_packet(sender, idx, 0, chunk)
             self.stopcopy_bytes += len(chunk)
             idx += 1

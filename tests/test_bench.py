@@ -274,7 +274,7 @@ def test_timeline_lines_up_both_daemons_packets(tmp_path):
     out = tmp_path / "tl"
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "timeline.py"), "--devices", "2", "--state",
-         "8M", "--channels", "2", "--slice", "1", "--out", str(out)],
+         "16M", "--channels", "2", "--slice", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "verified True" in run.stdout and "busy %" in run.stdout
@@ -283,18 +283,19 @@ def test_timeline_lines_up_both_daemons_packets(tmp_path):
 
     src, dst = read_timeline(out / "src.timeline"), read_timeline(out / "dst.timeline")
     events = {side: [e[2] for e in tl] for side, tl in (("src", src), ("dst", dst))}
-    # 2 devices x 8 packets of 1 MiB + a config packet each, on both sides
-    assert events["src"].count("queued") == 18
-    assert events["dst"].count("received") == 18
-    assert events["dst"].count("header") == 18
-    assert events["dst"].count("loaded") == 16
+    # 2 devices x 4 packets of 4 MiB (x-device-state-packet-size) + a config packet
+    # each, on both sides
+    assert events["src"].count("queued") == 10
+    assert events["dst"].count("received") == 10
+    assert events["dst"].count("header") == 10
+    assert events["dst"].count("loaded") == 8
     src_points = [e[3] for e in src if e[2] == "checkpoint"]
     assert src_points[0] == "downtime-start" and "shut-received" in src_points
     assert "vm-started" in [e[3] for e in dst if e[2] == "checkpoint"]
     result = analyse(src, dst, 1.0)
     assert sorted(result["channels"]) == [0, 1]
     assert sorted(result["receivers"]) == [0, 1]
-    assert sum(r["packets"] for r in result["receivers"].values()) == 18
+    assert sum(r["packets"] for r in result["receivers"].values()) == 10
     sent = sum(c["MB"] for c in result["channels"].values())
     assert sum(r.get("sent MB", 0) for r in result["slices"]) == pytest.approx(sent)
     # the source stops the VM before anything goes out, and the destination

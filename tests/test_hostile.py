@@ -58,10 +58,14 @@ async def raw(addr: Address, data: bytes, *, close: bool = True) -> socket.socke
     return sock
 
 
-async def fake_after_hello(addr: Address) -> FakeSource:
+async def fake_after_hello(addr: Address, **parameters: object) -> FakeSource:
+    """A fake source past the hello (``parameters``: hello parameters to set) and
+    SWITCHOVER_START."""
     fake = FakeSource(addr, channels=CHANNELS)
     await fake.connect_all()
-    await fake.send(fake.hello([CONFIG]))
+    hello = fake.hello([CONFIG])
+    hello.parameters.update(parameters)
+    await fake.send(hello)
     reply = await fake.receive()
     assert isinstance(reply, HelloReply) and reply.accepted, reply
     await fake.setup_sections([CONFIG])
@@ -140,9 +144,9 @@ async def slow_loris(addr: Address) -> None:
     sock.close()
 
 
-def during_switchover(*packets: tuple[int, bytes]) -> Case:
+def during_switchover(*packets: tuple[int, bytes], **parameters: object) -> Case:
     async def case(addr: Address) -> None:
-        fake = await fake_after_hello(addr)
+        fake = await fake_after_hello(addr, **parameters)
         try:
             await fake.send_packets(list(packets))
             await fake.receive(timeout=10)       # the SHUT with the error
@@ -286,6 +290,12 @@ CASES: dict[str, tuple[Case, str]] = {
     "data-record-without-data": (data_record_without_data, "without data"),
     "no-hello": (no_hello, "sent no hello"),
     "vfio-chunk-over-1MiB": (during_switchover((0, oversized_vfio_chunk())), "1048576"),
+    # the limit is the packet size the source announced, not the destination's own
+    # larger one (4 MiB by default)
+    "vfio-chunk-over-announced-size": (
+        during_switchover((0, device_packet(0, b"z" * (512 * 1024 + 1))),
+                          **{"x-device-state-packet-size": 512 * 1024}),
+        "524289 bytes of data exceed the limit of 524288"),
     "tiny-packet-flood": (tiny_packet_flood, "waiting for their turn"),
 }
 

@@ -6,7 +6,10 @@ import asyncio
 
 import pytest
 
+from migrate_common.net import parse_address
 from tests.conftest import wait_final, wait_status
+from tests.fakesource import refused_hello
+from vm.properties import parse_device_option
 
 
 def devs(n: int, size: str = "3M", extra: str = "") -> list[str]:
@@ -140,9 +143,10 @@ async def test_multifd_transfer_on_without_multifd_is_refused(pair_factory):
     ("x-migration-max-queued-buffers-size=1M", "x-migration-max-queued-buffers-size=1048576"),
 ])
 async def test_caps_trip_and_destination_recovers(pair_factory, cap, expect):
-    # the destination device writes slowly, so buffers pile up in reassembly
-    src_devices = devs(1, size="8M")
-    dst_devices = devs(1, size="8M", extra=f",write-bandwidth=16M,{cap}")
+    # the destination device writes slowly, so buffers pile up in reassembly (8
+    # packets of 4 MiB)
+    src_devices = devs(1, size="32M")
+    dst_devices = devs(1, size="32M", extra=f",write-bandwidth=16M,{cap}")
     async with pair_factory(src_devices, dst_devices=dst_devices) as pair:
         await pair.configure(multifd=True, channels=4)
         info = await pair.migrate()
@@ -262,9 +266,60 @@ async def test_a_device_that_reads_short_mid_stream_fails_the_source(pair_factor
         return await real(self, max_bytes)
 
     monkeypatch.setattr(VfioSimDevice, "read", short_second_read)
-    async with pair_factory(["vfio-sim,id=dev0,state-size=4M"]) as pair:
+    async with pair_factory(["vfio-sim,id=dev0,state-size=16M"]) as pair:
         await pair.configure(multifd=True, channels=2)
         info = await pair.migrate()
         assert info["status"] == "failed"
-        assert "after a short read: data packets must hold 1048576 bytes" in info["error-desc"]
+        # x-device-state-packet-size: 4 MiB by default
+        assert "after a short read: data packets must hold 4194304 bytes" in info["error-desc"]
         assert (await pair.src.execute("query-status"))["status"] == "running"
+
+
+# -- x-device-state-packet-size: data bytes per device-state packet ---------------------
+
+@pytest.mark.parametrize("packet_size, packets", [
+    (1 << 20, 8 + 1),       # QEMU's 1 MiB pieces, and the config packet
+    (4 << 20, 2 + 1),       # the default
+    (3 << 20, 3 + 1),       # any size: two of 3 MiB and a short last one
+])
+async def test_device_state_packet_size_sets_the_packets_per_device(pair_factory, packet_size,
+                                                                    packets):
+    async with pair_factory(devs(2, size="8M")) as pair:
+        await pair.configure(multifd=True, channels=2, side="src",
+                             extra_params={"x-device-state-packet-size": packet_size})
+        await pair.configure(multifd=True, channels=2, side="dst")
+        info = await pair.migrate()
+        assert info["status"] == "completed", info.get("error-desc")
+        assert [d["packets"] for d in info["x-devices"]] == [packets, packets]
+        src, dst = await pair.digests()
+        assert src == dst
+
+
+async def test_device_state_packets_larger_than_the_destination_takes_are_refused(
+        pair_factory):
+    async with pair_factory(devs(1, size="8M")) as pair:
+        await pair.configure(multifd=True, channels=2, side="src",
+                             extra_params={"x-device-state-packet-size": 8 << 20})
+        await pair.configure(multifd=True, channels=2, side="dst")
+        info = await pair.migrate()
+        assert info["status"] == "failed"
+        assert ("x-device-state-packet-size: the source sends device-state packets of up to "
+                "8388608 bytes, this destination accepts at most 4194304" in info["error-desc"])
+        assert (await pair.src.execute("query-status"))["running"]
+        await pair.configure(multifd=True, channels=2, side="dst",
+                             extra_params={"x-device-state-packet-size": 8 << 20})
+        info = await pair.migrate()
+        assert info["status"] == "completed", info.get("error-desc")
+        assert info["x-devices"][0]["packets"] == 1 + 1
+
+
+@pytest.mark.parametrize("value", ["4M", True, 0])
+async def test_a_device_state_packet_size_from_a_source_must_be_a_positive_integer(
+        pair_factory, value):
+    async with pair_factory(devs(1)) as pair:
+        await pair.configure(multifd=True, channels=2, side="dst")
+        reply = await refused_hello(parse_address(await pair.uri()),
+                                    {"x-device-state-packet-size": value},
+                                    devices=[parse_device_option(devs(1)[0])])
+        assert reply.code == "protocol-error"
+        assert "x-device-state-packet-size must be a positive integer" in reply.error

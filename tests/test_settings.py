@@ -1,5 +1,5 @@
-"""migrate_common.settings: x-socket-buffer-size, x-verify-ram and x-multifd-packet-size,
-through the QMP arguments and the CLI text."""
+"""migrate_common.settings: x-socket-buffer-size, x-verify-ram, x-multifd-packet-size and
+x-device-state-packet-size, through the QMP arguments and the CLI text."""
 
 from __future__ import annotations
 
@@ -160,9 +160,35 @@ def test_packet_size_rejects(value: object, message: str) -> None:
     assert settings.param(PACKET) == 2 * MiB
 
 
+# -- x-device-state-packet-size ----------------------------------------------------------
+
+DEVICE_PACKET = "x-device-state-packet-size"
+
+
+def test_device_state_packet_size_default_is_4m() -> None:
+    assert MigrationSettings().param(DEVICE_PACKET) == 4 * MiB
+
+
+@pytest.mark.parametrize(("text", "value"), [("1M", MiB), ("8M", 8 * MiB), ("4096", 4096),
+                                             ("3M", 3 * MiB)])
+def test_device_state_packet_size_text(text: str, value: int) -> None:
+    settings = MigrationSettings()
+    settings.set_parameter_text(DEVICE_PACKET, text)
+    assert settings.param(DEVICE_PACKET) == value
+
+
+@pytest.mark.parametrize("value", [8 * MiB + 1, 4095, 0, -1])
+def test_device_state_packet_size_rejects(value: int) -> None:
+    settings = MigrationSettings()
+    with pytest.raises(ConfigError, match="between 4096 and 8388608"):
+        settings.set_parameters({DEVICE_PACKET: value})
+    assert settings.param(DEVICE_PACKET) == 4 * MiB
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize(("name", "text", "value"), [
     ("x-multifd-packet-size", "512K", 512 * 1024),
+    ("x-device-state-packet-size", "1M", 1024 * 1024),
     ("x-socket-buffer-size", "256K", 256 * 1024),
     ("max-bandwidth", "1G", 1 << 30),
 ])

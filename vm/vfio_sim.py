@@ -635,7 +635,13 @@ class VfioSimDevice:
     @property
     def data_buffer_size(self) -> int:
         """QEMU's read buffer size: ``min(1 MiB, stop_copy_length)``, at least 1."""
-        return max(1, min(MAX_DATA_BUFFER_SIZE, self.total_size))
+        return self.buffer_size(MAX_DATA_BUFFER_SIZE)
+
+    def buffer_size(self, limit: int) -> int:
+        """The read size for pieces of at most ``limit`` bytes: ``min(limit,
+        stop_copy_length)``, at least 1 (multifd device-state packets use
+        ``x-device-state-packet-size`` as the limit)."""
+        return max(1, min(limit, self.total_size))
 
     def stop_copy_size(self) -> int:
         """``VFIO_DEVICE_FEATURE_MIG_DATA_SIZE``: bytes still to read in stop-copy.

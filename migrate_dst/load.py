@@ -185,7 +185,7 @@ class VfioLoadHandler:
         channel (receive thread).  ``release`` gives the buffer back: it is called
         exactly once, when the packet is loaded or when it is refused."""
         try:
-            header, data = decode_state_packet(payload)
+            header, data = decode_state_packet(payload, max_data=self.packet_size)
         except BaseException:
             release()
             raise

@@ -11,18 +11,19 @@ import structlog
 from migrate_common.funnel import Funnel
 from migrate_dst.channels import BufferPool
 from migrate_dst.load import VfioLoadHandler
-from protocol.errors import SequenceError
+from protocol.errors import LimitExceededError, SequenceError
 from protocol.vfio import VfioStatePacketHeader
-from vm.properties import KiB, DeviceConfig
+from vm.properties import KiB, MiB, DeviceConfig
 from vm.vfio_sim import VfioSimDevice
 
 
-async def handler_for(**config: Any) -> VfioLoadHandler:
+async def handler_for(packet_size: int = MiB, **config: Any) -> VfioLoadHandler:
     device = VfioSimDevice(DeviceConfig(id="d", state_size=64 * KiB, **config),
                            role="destination")
     handler = VfioLoadHandler(device, multifd_transfer=True, load_config_after_iter=False,
                               switchover_ack=False, funnel=Funnel(),
-                              log=structlog.get_logger(), on_ack=lambda: None)
+                              log=structlog.get_logger(), on_ack=lambda: None,
+                              packet_size=packet_size)
     await handler.load_setup()
     assert handler.reassembly is not None
     handler.reassembly.start(0)  # SWITCHOVER_START, without the load task
@@ -45,6 +46,23 @@ async def test_a_packet_loaded_on_arrival_gives_its_buffer_back_once() -> None:
     buf = packet(pool, 0)
     handler.load_state_buffer(memoryview(buf), lambda: pool.give(buf))
     assert handler.bytes_loaded == 4096 and free(pool, buf) == 1
+    handler.load_cleanup()
+
+
+@pytest.mark.parametrize("announced", [8 * KiB, 16 * KiB])
+async def test_a_buffered_packet_is_bounded_by_the_announced_packet_size(announced) -> None:
+    # x-device-state-packet-size from the source's hello, not QEMU's 1 MiB
+    handler = await handler_for(packet_size=announced)
+    pool = BufferPool()
+    buf = packet(pool, 0, size=16 * KiB)
+    if announced < 16 * KiB:
+        with pytest.raises(LimitExceededError, match="16384 bytes of data exceed the limit "
+                                                     "of 8192"):
+            handler.load_state_buffer(memoryview(buf), lambda: pool.give(buf))
+    else:
+        handler.load_state_buffer(memoryview(buf), lambda: pool.give(buf))
+        assert handler.bytes_loaded == 16 * KiB
+    assert free(pool, buf) == 1
     handler.load_cleanup()
 
 

@@ -109,10 +109,12 @@ async def test_source_stalling_in_switchover_times_out(pair_factory):
 UNIFORM_DEVICES = ["vfio-sim,id=dev0,state-size=3M", "vfio-sim,id=dev1,state-size=2600K,seed=3"]
 
 
-async def _uniform_session(pair_factory, chunk: int, seed: int) -> tuple[Shut, dict]:
-    """A scripted source announcing uniform packets sends two devices' packets of
-    ``chunk`` bytes (uniform when it is their 1 MiB data buffer size) in a shuffled
-    order on 4 channels; the destination's Shut and query-migrate."""
+async def _uniform_session(pair_factory, chunk: int, seed: int, *, uniform: bool = True,
+                           packet_size: int | None = None) -> tuple[Shut, dict]:
+    """A scripted source announcing uniform packets (unless ``uniform`` is False) sends
+    two devices' packets of ``chunk`` bytes (uniform when it is their packet data size:
+    1 MiB, or the ``packet_size`` it announces) in a shuffled order on 4 channels; the
+    destination's Shut and query-migrate."""
     configs = [parse_device_option(d) for d in UNIFORM_DEVICES]
     packets = [await device_packets(c, chunk=chunk) for c in configs]
     async with pair_factory(UNIFORM_DEVICES) as pair:
@@ -121,7 +123,9 @@ async def _uniform_session(pair_factory, chunk: int, seed: int) -> tuple[Shut, d
         try:
             await fake.connect_all()
             hello = fake.hello(configs)
-            hello.parameters["x-uniform-device-packets"] = True
+            hello.parameters["x-uniform-device-packets"] = uniform
+            if packet_size is not None:
+                hello.parameters["x-device-state-packet-size"] = packet_size
             await fake.send(hello)
             assert (await fake.receive()).accepted
             await fake.setup_sections(configs)
@@ -144,6 +148,15 @@ async def test_uniform_packets_in_any_order_are_placed_and_load(pair_factory, se
     assert shut.ok, shut.error
     # every data packet went straight into its device, wherever it came in the order
     assert [d["in-place-packets"] for d in info["x-devices"]] == [3, 3]
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+async def test_packets_of_the_announced_size_load(pair_factory, uniform):
+    # 2 MiB packets, more than QEMU's 1 MiB, from a source that announced them
+    shut, info = await _uniform_session(pair_factory, 2 << 20, 1, uniform=uniform,
+                                        packet_size=2 << 20)
+    assert shut.ok, shut.error
+    assert [d["in-place-packets"] for d in info["x-devices"]] == [2, 2]
 
 
 async def test_a_broken_promise_of_uniform_packets_fails_the_migration(pair_factory):

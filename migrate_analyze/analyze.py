@@ -66,6 +66,7 @@ from protocol.errors import (
     RemoteProtocolError,
 )
 from protocol.multifd import (
+    DEFAULT_MAX_DEVICE_PAYLOAD,
     DEVICE_STATE_HEADER_SIZE,
     INIT_SIZE,
     MULTIFD_MAGIC,
@@ -468,7 +469,9 @@ def _arrival_times(path: Path) -> Callable[[int], int | None]:
 
 def _decode_device_payload(dev: DevicePacketInfo, payload: memoryview) -> None:
     try:
-        header, data = decode_state_packet(payload)
+        # our sources send up to x-device-state-packet-size (4 MiB by default, at most
+        # 8 MiB), QEMU 1 MiB; the channel decoder already bounded the payload
+        header, data = decode_state_packet(payload, max_data=DEFAULT_MAX_DEVICE_PAYLOAD)
         dev.idx = header.idx
         dev.config = header.is_config
         dev.data = len(data)

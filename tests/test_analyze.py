@@ -309,8 +309,8 @@ def _device(idx: int, data: bytes, *, config: bool = False) -> bytes:
     return DeviceStateHeader(VFIO, 0, len(body)).encode() + body
 
 
-def make_recording(root: Path, *, timed: bool = False,
-                   packet_size: int | None = None) -> tuple[Path, bytes]:
+def make_recording(root: Path, *, timed: bool = False, packet_size: int | None = None,
+                   first_device_bytes: int = 100) -> tuple[Path, bytes]:
     """An attempt folder as migrate-dst --record-channels writes it, and the RAM block
     it must rebuild to.  ``packet_size``: the RAM packet size the hello announces
     (None: a source before x-multifd-packet-size, with QEMU's 128 pages of 4 KiB).
@@ -371,7 +371,7 @@ def make_recording(root: Path, *, timed: bool = False,
     ch0 = [ChannelInit(raw_uuid, 0).encode(), _sync(0, n),
            _ram(4, [(Q, _page(0xD0))], pages=n), _ram(9, [(P, _page(0xA0))], zero=(Z,), pages=n),
            _sync(10, n), _sync(12, n),
-           _device(0, b"x" * 100), _device(1, b"y" * 70)]
+           _device(0, b"x" * first_device_bytes), _device(1, b"y" * 70)]
     ch1 = [ChannelInit(raw_uuid, 1).encode(), _sync(1, n),
            _ram(3, [(Q, _page(0xC0))], pages=n), _sync(11, n),
            _ram(5, [(P, _page(0xB0)), (R, _page(0xE0))], pages=n), _sync(13, n),
@@ -451,6 +451,16 @@ def test_our_recording_analysis(tmp_path: Path, capsys: pytest.CaptureFixture[st
     rc, text, _ = run_cli(capsys, folder, "--timeline")
     assert rc == 0
     assert "MFDM" in text and "device state" in text and "config packet idx 3" in text
+
+
+def test_our_recording_with_device_state_packets_over_1mib(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # x-device-state-packet-size: our source's packets carry 4 MiB by default
+    make_recording(tmp_path, first_device_bytes=4 << 20)
+    rc, out, err = run_cli(capsys, tmp_path, "--json")
+    assert rc == 0, err
+    dev = json.loads(out)["device_state"][f"{VFIO}/0"]
+    assert dev["errors"] == [] and dev["sizes"]["max"] == 12 + (4 << 20)
 
 
 @pytest.mark.parametrize("packet_size", [None, 512 * PAGE])

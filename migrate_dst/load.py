@@ -69,7 +69,7 @@ class VfioLoadHandler:
         self.device = device
         self.multifd_transfer = multifd_transfer
         # the source promised that every data packet but the last holds exactly the
-        # device's data buffer size (x-uniform-device-packets): see Reassembly
+        # device's packet data size (x-uniform-device-packets): see Reassembly
         self.uniform_packets = uniform_packets
         # the most data a device-state packet may carry: the source's announced
         # x-device-state-packet-size, which the hello check kept within ours

@@ -21,7 +21,7 @@ turn comes.
 
 A source that announces uniform packets (ours: hello parameter
 ``x-uniform-device-packets``) promises that every data packet of a device but its
-last holds exactly the device's data buffer size (``uniform_size``) and the last no
+last holds exactly the device's packet data size (``uniform_size``) and the last no
 more.  Then a packet's place is ``idx × uniform_size`` from the start of the stream
 without waiting for the headers before it; each header is checked against the
 promise as it comes (a larger packet, a second short one, or a data packet after the

@@ -112,6 +112,14 @@ SPREAD: memoryview | None = None  # --spread: receive into one big region, like 
 _spread_pos = [0]
 
 
+def _spread_view(packet: int) -> memoryview:
+    """The next ``packet`` bytes of SPREAD at the streams' shared running position."""
+    assert SPREAD is not None
+    pos = _spread_pos[0]
+    _spread_pos[0] = (pos + packet) % (len(SPREAD) - packet + 1)
+    return SPREAD[pos:pos + packet]
+
+
 def _recv_blocking(sock: socket.socket, packet: int, counter: list[int],
                    start: int | None = None) -> None:
     """Receive packets until EOF; ``start``: this stream's own place in SPREAD (a
@@ -125,12 +133,10 @@ def _recv_blocking(sock: socket.socket, packet: int, counter: list[int],
         _python_work()
         if SPREAD is not None:
             if own is None:
-                pos = _spread_pos[0]
-                _spread_pos[0] = (pos + packet) % (len(SPREAD) - packet + 1)
+                buf = _spread_view(packet)
             else:
-                pos = own
+                buf = SPREAD[own:own + packet]
                 own = (own + packet) % (len(SPREAD) - packet + 1)
-            buf = SPREAD[pos:pos + packet]
         _recv_exact(sock, buf)
         total += packet
     counter.append(total)
@@ -158,13 +164,6 @@ def _recv_process(sock: socket.socket, packet: int, start: int, part: int,
 
 # -- K threads, each polling several non-blocking streams ---------------------------------
 POOL = 2  # --pool: threads per side in the pool mode
-
-
-def _spread_view(packet: int) -> memoryview:
-    assert SPREAD is not None
-    pos = _spread_pos[0]
-    _spread_pos[0] = (pos + packet) % (len(SPREAD) - packet + 1)
-    return SPREAD[pos:pos + packet]
 
 
 def _polled(socks: list[socket.socket], event: int
@@ -219,8 +218,8 @@ def _recv_polling(socks: list[socket.socket], packet: int, counter: list[int]) -
     """Receive packets from every one of ``socks`` until each reaches EOF."""
     total = 0
     # per socket: the view being filled, and whether it is a header
-    state: dict[socket.socket, tuple[memoryview, bool]] = {
-        s: (memoryview(bytearray(HEADER.size)), True) for s in socks}
+    headers = {s: memoryview(bytearray(HEADER.size)) for s in socks}
+    state: dict[socket.socket, tuple[memoryview, bool]] = {s: (headers[s], True) for s in socks}
     own_buf = {s: memoryview(bytearray(packet)) for s in socks}
     poller, fds = _polled(socks, select.POLLIN)
     while fds:
@@ -245,7 +244,7 @@ def _recv_polling(socks: list[socket.socket], packet: int, counter: list[int]) -
                     is_header = False
                 else:
                     total += packet
-                    view, is_header = memoryview(bytearray(HEADER.size)), True
+                    view, is_header = headers[sock], True
             state[sock] = (view, is_header)
     counter.append(total)
 
@@ -380,19 +379,18 @@ def _sender(mode: str, port: int, streams: int, size: int, packet: int) -> None:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _size_buffers(s, socket.SO_SNDBUF)
     shares = _shares(size, streams, packet)
+    part = (SPREAD_SIZE // max(1, streams)) // packet * packet  # each stream's own place
+    starts = [i * part for i in range(streams)]
     if mode == "pool":
-        part = (SPREAD_SIZE // max(1, streams)) // packet * packet
-        starts = [i * part for i in range(streams)]
         k = min(POOL, streams)
         _pool(_send_polling, [(socks[i::k], shares[i::k], payload, region, starts[i::k])
                               for i in range(k)])
     elif mode in ("threads", "procs"):
-        part = (SPREAD_SIZE // max(1, streams)) // packet * packet
         runner = (threading.Thread if mode == "threads"
                   else mp.get_context("fork").Process)
         target = _send_blocking if mode == "threads" else _send_process
-        workers = [runner(target=target, args=(s, n, payload, region, i * part))
-                   for i, (s, n) in enumerate(zip(socks, shares, strict=True))]
+        workers = [runner(target=target, args=(s, n, payload, region, start))
+                   for s, n, start in zip(socks, shares, starts, strict=True)]
         for w in workers:
             w.start()
         for w in workers:

@@ -43,7 +43,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import pagereport  # noqa: E402
-from bench.harness import GiB, MiB, daemon_pair, digests_match, migrate  # noqa: E402
+from bench.harness import GiB, daemon_pair, digests_match, migrate  # noqa: E402
+from migrate_common.settings import PARAMETER_DEFAULTS  # noqa: E402
 
 KINDS = {
     "ram": ([], ["--memory", "2G,fill=random"], ["--memory", "2G"]),
@@ -189,9 +190,10 @@ async def run(kind: str, channels: int, freq: int, symbols: int = 0,
             total = sum(row.values())
             top = ", ".join(f"{dso} {sec:.2f}" for dso, sec in row.most_common(5))
             print(f"  {who:<12} {total:5.2f} CPU s: {top}")
-        # 1 MiB device-state packets; RAM packets of x-multifd-packet-size
-        packet = (MiB if kind == "devices"
-                  else int((parameters or {}).get("x-multifd-packet-size", 2 * MiB)))
+        # device-state or RAM packets: their size parameter, as set or by default
+        size_parameter = ("x-device-state-packet-size" if kind == "devices"
+                          else "x-multifd-packet-size")
+        packet = int((parameters or {}).get(size_parameter, PARAMETER_DEFAULTS[size_parameter]))
         packets = 2 * GiB // packet
         for who, (vol, invol, threads) in switches.totals().items():
             print(f"  {who:<12} {vol} voluntary + {invol} involuntary context switches in "

@@ -98,6 +98,17 @@ __all__ = ["IncomingMigration"]
 MATCHING_PROPERTIES = ("state-size", "precopy-size", "config-size")
 
 
+def _hello_value(hello: Hello, name: str, default: Any, kind: type, what: str, *,
+                 positive: bool = False) -> Any:
+    """A hello parameter, ``default`` when the source did not send it; a value of
+    another type (a bool is not an int), or not positive when ``positive``, is the
+    source's protocol error."""
+    value = hello.parameters.get(name, default)
+    if type(value) is not kind or (positive and isinstance(value, int) and value < 1):
+        raise RemoteProtocolError(f"hello: {name} must be {what}, got {value!r}")
+    return value
+
+
 class IncomingMigration:
     def __init__(self, vm: VirtualMachine, settings: MigrationSettings,
                  status: StatusMachine, pool: BufferPool,
@@ -443,9 +454,7 @@ class IncomingMigration:
                               "destination; set it on both sides")
         # a source that predates the parameter always sends the RAM digest
         sent = "x-verify-ram" in hello.parameters
-        verify = hello.parameters.get("x-verify-ram", True)
-        if type(verify) is not bool:
-            raise RemoteProtocolError(f"hello: x-verify-ram must be a boolean, got {verify!r}")
+        verify = _hello_value(hello, "x-verify-ram", True, bool, "a boolean")
         if self.vm.ram is not None and verify is not self.settings.param("x-verify-ram"):
             raise ConfigError(
                 f"x-verify-ram differs: source {'on' if verify else 'off'}"
@@ -454,26 +463,19 @@ class IncomingMigration:
                 + f", destination {'on' if self.settings.param('x-verify-ram') else 'off'}"
                 "; set it on both sides")
         # ours promises uniform device-state packets; QEMU's packets may have any size
-        uniform = hello.parameters.get("x-uniform-device-packets", False)
-        if type(uniform) is not bool:
-            raise RemoteProtocolError(f"hello: x-uniform-device-packets must be a boolean, "
-                                      f"got {uniform!r}")
-        self.uniform_device_packets = uniform
+        self.uniform_device_packets = _hello_value(hello, "x-uniform-device-packets", False,
+                                                   bool, "a boolean")
         # a source that predates the parameter sends QEMU's 512 KiB packets
-        packet_size = hello.parameters.get("x-multifd-packet-size", MULTIFD_PACKET_SIZE)
-        if type(packet_size) is not int:
-            raise RemoteProtocolError(f"hello: x-multifd-packet-size must be an integer, "
-                                      f"got {packet_size!r}")
+        packet_size = _hello_value(hello, "x-multifd-packet-size", MULTIFD_PACKET_SIZE, int,
+                                   "an integer")
         if (self.vm.ram is not None and self.channel_count
                 and packet_size != self.settings.param("x-multifd-packet-size")):
             raise ConfigError(f"x-multifd-packet-size differs: source {packet_size}, "
                               f"destination {self.settings.param('x-multifd-packet-size')}; "
                               "set it on both sides")
         # a source that predates the parameter reads device state in QEMU's 1 MiB pieces
-        device_packet = hello.parameters.get("x-device-state-packet-size", MAX_DATA_BUFFER_SIZE)
-        if type(device_packet) is not int or device_packet < 1:
-            raise RemoteProtocolError(f"hello: x-device-state-packet-size must be a positive "
-                                      f"integer, got {device_packet!r}")
+        device_packet = _hello_value(hello, "x-device-state-packet-size", MAX_DATA_BUFFER_SIZE,
+                                     int, "a positive integer", positive=True)
         accepted = self.settings.param("x-device-state-packet-size")
         if (device_packet > accepted
                 and any(d.multifd_transfer for d in hello.devices)):

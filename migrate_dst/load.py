@@ -11,6 +11,7 @@ handler                  role
 ``switchover_start``     multifd mode: start the load task
 ``load_state_buffer``    a device-state packet from any multifd channel → reassembly;
                          the receive thread loads it itself when it is next in order
+                         (and hands the config to the load task when it is next)
 load thread, load task   write the other buffers strictly by idx into the device,
                          then the config (after CONFIG_LOAD_READY when the interlock
                          is on)
@@ -83,6 +84,7 @@ class VfioLoadHandler:
         self.load_task: asyncio.Task[None] | None = None
         self._load_thread: threading.Thread | None = None
         self._config: asyncio.Future[QueuedBuffer] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._config_load_ready = asyncio.Event()
         self._config_loaded = False
         self._init_data_seen = False
@@ -113,7 +115,7 @@ class VfioLoadHandler:
             # The load thread starts now and waits for SWITCHOVER_START inside the
             # reassembly: starting 64 threads when the VM is already stopped cost
             # milliseconds of downtime each on a busy machine.
-            loop = asyncio.get_running_loop()
+            loop = self._loop = asyncio.get_running_loop()
             self._config = loop.create_future()
             self._load_thread = threading.Thread(
                 target=self._load_data, args=(loop, self._config),
@@ -213,13 +215,26 @@ class VfioLoadHandler:
             if release is not None:  # refused: put() keeps nothing when it raises
                 release()
             raise
-        if buf is not None:  # done_with() below gives the buffer back
+        while buf is not None:  # done_with() below gives the buffer back
+            if buf.is_config:
+                self._hand_config(buf)
+                return
             try:
                 # the delay is 0 here (unpaced device), unless write-bandwidth was set
                 # between the check above and this load: one packet then goes unpaced
                 self._load(buf)
-            finally:
+            except BaseException:
                 reassembly.done_with(buf)
+                raise
+            buf = reassembly.done_with(buf, take_config=True)
+
+    def _hand_config(self, buf: QueuedBuffer) -> None:
+        """The config packet is next (receive thread): to the load task, which loads it."""
+        assert self._loop is not None and self._config is not None
+        try:
+            self._loop.call_soon_threadsafe(_settle, self._config, buf)
+        except RuntimeError:  # the loop is gone: so is the migration
+            self._reassembly().done_with(buf)
 
     def _load(self, buf: QueuedBuffer) -> float:
         """Write one data buffer into the device (by whichever thread loads it); the

@@ -357,11 +357,12 @@ class Reassembly:
         """A packet's data arrived: in ``data``, or (None) where :meth:`claim` said.
         Raises a RemoteProtocolError subclass when it breaks a rule.
 
-        With ``take``, a data packet that is the next to load while no thread is
-        loading one is not queued for the load thread but returned: the caller loads
-        it at once and then calls :meth:`done_with`, as the load thread would.  The
-        receive thread that has just received a packet finds its bytes still in its
-        CPU's caches, and no thread has to be woken for it."""
+        With ``take``, a packet that is the next to load while no thread is loading
+        one is not queued for the load thread but returned: the caller loads it at
+        once (or, the config, hands it to the load task) and then calls
+        :meth:`done_with`, as the load thread would.  The receive thread that has
+        just received a packet finds its bytes still in its CPU's caches, and no
+        thread has to be woken for it."""
         dev = self.device_id
         with self._guard:
             self._check_closed()
@@ -406,8 +407,7 @@ class Reassembly:
             self.high_water_count = max(self.high_water_count, len(self._slots))
             wake = idx == self.next_idx
             taken = None
-            if (wake and take and not self._loading and self._base is not None
-                    and not is_config):
+            if wake and take and not self._loading and self._base is not None:
                 taken = self._slots.pop(idx)
                 self.next_idx += 1
                 self._loading = True
@@ -440,22 +440,37 @@ class Reassembly:
                         return buf
             self._arrived.wait()
 
-    def done_with(self, buf: QueuedBuffer) -> None:
+    def done_with(self, buf: QueuedBuffer, *, take_config: bool = False
+                  ) -> QueuedBuffer | None:
         """``buf`` is loaded into the device: unqueue it and recycle its buffer, and
-        wake the load thread when the next one is already waiting."""
+        wake the load thread when the next one is already waiting.
+
+        With ``take_config``, a config packet waiting as the next one is returned
+        instead (marked as being loaded, as by :meth:`get`): a receive thread that
+        has just loaded the last data packet hands the config to the load task
+        itself, rather than waking the load thread only for that (with 64 devices,
+        64 threads wanting the GIL at the very end of the downtime)."""
+        taken = None
         with self._lock:
             self.queued_bytes -= buf.size
             self._queued_charge -= _charge(buf.is_config, buf.size)
             self._claimed.pop(buf.idx, None)
             self._given.discard(buf.idx)
             self._loading = False
-            wake = self.next_idx in self._slots
+            nxt = self._slots.get(self.next_idx)
+            wake = nxt is not None
+            if wake and take_config and nxt.is_config and not self._closed:
+                taken = self._slots.pop(self.next_idx)
+                self.next_idx += 1
+                self._loading = True
+                wake = False
             room, self._room_waiters = self._room_waiters, []
         buf.release()
         if wake:
             self._arrived.set()
         for signal in room:  # they check the caps again
             signal.set()
+        return taken
 
     def pause(self, seconds: float) -> bool:
         """Sleep like a slow device, waking early when closed; False once closed."""

@@ -462,6 +462,11 @@ class OutgoingMigration:
                                f"{self._timeout('x-switchover-timeout'):g} s "
                                "(x-switchover-timeout)", channel="main") from None
 
+    async def _save_complete(self, handler: Any) -> None:
+        await self.main.send(SectionEnd(handler.section_id))
+        await handler.save_complete()
+        await self.main.send(SectionFooter(handler.section_id))
+
     async def _complete_precopy(self) -> None:
         assert self.main is not None
         await self.main.send(Command(CommandType.SWITCHOVER_START))
@@ -473,18 +478,24 @@ class OutgoingMigration:
                     save_tasks.append(self.funnel.spawn(
                         handler.save_complete_precopy_thread(self.sender, self._abort_save),
                         f"save-{handler.device.id}"))
-        for handler in self._all_handlers():
-            await self.main.send(SectionEnd(handler.section_id))
-            await handler.save_complete()
-            await self.main.send(SectionFooter(handler.section_id))
+        if save_tasks:
+            # one turn of the loop for the save tasks first: their first packets go to
+            # the channels now, not after the END sections (2.5 ms with 64 devices)
+            await asyncio.sleep(0)
+        if self.ram_handler is not None:  # its last pass waits on the channels: unbatched
+            await self._save_complete(self.ram_handler)
+        async with self.main.batch():  # the devices' END sections: a marker each in multifd mode
+            for handler in self.handlers:
+                await self._save_complete(handler)
         if save_tasks:
             await asyncio.gather(*save_tasks)
         self._checkpoint("iterable-saved")
-        for handler in self.handlers:
-            await self.main.send(SectionFull(handler.section_id, handler.idstr,
-                                             handler.instance_id, handler.version_id))
-            await handler.save_state()
-            await self.main.send(SectionFooter(handler.section_id))
+        async with self.main.batch():  # small records only: one write, not three a device
+            for handler in self.handlers:
+                await self.main.send(SectionFull(handler.section_id, handler.idstr,
+                                                 handler.instance_id, handler.version_id))
+                await handler.save_state()
+                await self.main.send(SectionFooter(handler.section_id))
         self._checkpoint("non-iterable-saved")
         if self._ram_digest is not None:
             self.digests[RAM_DIGEST_KEY] = await self._ram_digest

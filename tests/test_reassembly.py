@@ -450,12 +450,59 @@ def test_the_next_packet_is_handed_back_to_its_receiver_and_nobody_else_loads_me
 def test_packets_ahead_of_their_turn_and_the_config_go_to_the_load_thread():
     r, released = make()
     assert take(r, released, 1) is None                # ahead of idx 0
-    assert take(r, released, 2, config=True) is None   # the config: always the thread's
+    assert take(r, released, 2, config=True) is None   # the config too, when ahead
     zero = take(r, released, 0)
     assert zero is not None and zero.idx == 0
     r.done_with(zero)
     assert drain(r) == [1, 2]
     assert sorted(released) == [0, 1, 2] and r.queued_bytes == 0
+
+
+def test_the_config_in_its_turn_is_handed_back_too():
+    r, released = make()
+    zero = take(r, released, 0)
+    assert zero is not None
+    r.done_with(zero)
+    config = take(r, released, 1, config=True)  # next, nobody loading: the receiver's
+    assert config is not None and config.is_config and r.next_idx == 2
+    r.done_with(config)
+    assert released == [0, 1] and r.queued_bytes == 0
+
+
+def test_the_last_data_packets_loader_takes_the_waiting_config_instead_of_waking_the_thread():
+    r, released = make()
+    zero = take(r, released, 0)
+    assert zero is not None
+    assert take(r, released, 1, config=True) is None  # idx 0 still loading: queued
+    config = r.done_with(zero, take_config=True)
+    assert config is not None and config.idx == 1 and config.is_config
+    got: list[object] = []
+    loader = threading.Thread(target=lambda: got.append(r.get()))
+    loader.start()
+    loader.join(0.05)
+    assert loader.is_alive() and not got        # nothing left for the load thread
+    r.done_with(config)
+    r.close()
+    loader.join(5)
+    assert got == [None] and released == [0, 1]
+
+
+def test_without_take_config_the_waiting_config_stays_the_load_threads():
+    r, released = make()
+    zero = take(r, released, 0)
+    assert zero is not None
+    assert take(r, released, 1, config=True) is None
+    assert r.done_with(zero) is None
+    assert drain(r) == [1]
+
+
+def test_a_waiting_data_packet_is_never_taken_as_a_config():
+    r, released = make()
+    zero = take(r, released, 0)
+    assert zero is not None
+    assert take(r, released, 1) is None
+    assert r.done_with(zero, take_config=True) is None  # data: the load thread's, woken
+    assert load_one(r) == 1
 
 
 def test_nothing_is_handed_back_before_switchover_start():

@@ -16,7 +16,10 @@ import structlog
 from migrate_common.funnel import Funnel
 from migrate_src import channels
 from migrate_src.channels import RamJob
+from protocol.control import (ControlDecoder, MessageReceived, SectionEnd, SectionFooter,
+                              VfioRecord)
 from protocol.multifd import RamPacket, ram_page_count
+from protocol.vfio import VfioMigFlag
 from vm.ram import GuestRam, parse_memory_option
 
 PS = 4096
@@ -106,3 +109,106 @@ async def test_channel_threads_wake_the_loop_once_for_several_jobs(monkeypatch) 
     expect = b"".join(i.to_bytes(4, "big") + p for i, p in enumerate(payloads))
     assert bytes(received[:len(expect)]) == expect
     assert funnel.error is None
+
+
+class _CountingSocket:
+    """A non-blocking socket whose writes are counted."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.writes = 0
+
+    def sendmsg(self, buffers: Sequence[Any]) -> int:
+        self.writes += 1
+        return self.sock.sendmsg(buffers)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+def _main_channel() -> tuple[channels.MainChannel, _CountingSocket, socket.socket]:
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    counting = _CountingSocket(ours)
+    main = channels.MainChannel(counting, Funnel(), structlog.get_logger())  # type: ignore[arg-type]
+    return main, counting, peer
+
+
+def _decode(data: bytes) -> list[tuple[Any, bytes | None]]:
+    decoder = ControlDecoder(expect_preamble=False)
+    out = []
+    rest = memoryview(data)
+    while rest:
+        buf = decoder.buffer()
+        n = min(len(buf), len(rest))
+        buf[:n] = rest[:n]
+        rest = rest[n:]
+        for event in decoder.advance(n):
+            assert isinstance(event, MessageReceived)
+            payload = None if event.payload is None else bytes(event.payload)
+            out.append((event.message, payload))
+    return out
+
+
+def _recv_all(peer: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        data += peer.recv(size - len(data))
+    return bytes(data)
+
+
+def _recv_to_eof(peer: socket.socket) -> bytes:
+    data = bytearray()
+    while chunk := peer.recv(1 << 20):
+        data += chunk
+    return bytes(data)
+
+
+async def test_a_batch_of_main_channel_records_is_one_write_in_order() -> None:
+    main, counting, peer = _main_channel()
+    records = [m for i in range(64) for m in (SectionEnd(i), VfioRecord(
+        VfioMigFlag.END_OF_STATE), SectionFooter(i))]
+    async with main.batch():
+        for record in records:
+            await main.send(record)
+        assert counting.writes == 0 and main.stats.bytes == 0
+    assert counting.writes == 1 and main.stats.packets == len(records)
+    got = _decode(_recv_all(peer, main.stats.bytes))
+    assert [m for m, _ in got] == records
+    await main.send(SectionEnd(99))          # after the batch: written at once again
+    assert counting.writes == 2
+    peer.close()
+
+
+async def test_a_batch_is_written_once_it_holds_enough_bytes() -> None:
+    main, counting, peer = _main_channel()
+    payload = bytes(range(256)) * (channels.BATCH_FLUSH_BYTES // 256)
+    reader = asyncio.get_running_loop().run_in_executor(None, _recv_to_eof, peer)
+    try:
+        async with main.batch():
+            await main.send(SectionEnd(1))
+            await main.send(VfioRecord(VfioMigFlag.DEV_DATA_STATE, len(payload)), payload)
+            flushed = main.stats.bytes     # the streamed data does not wait for the end
+            await main.send(VfioRecord(VfioMigFlag.DEV_DATA_STATE, len(payload)), payload)
+            await main.send(SectionFooter(1))
+    finally:
+        counting.sock.close()
+    assert len(payload) < flushed < main.stats.bytes
+    data = await asyncio.wait_for(reader, 10)
+    assert len(data) == main.stats.bytes
+    assert [p for _, p in _decode(data)] == [None, payload, payload, None]
+    peer.close()
+
+
+async def test_a_batch_left_by_an_error_is_dropped_and_batches_do_not_nest() -> None:
+    main, counting, peer = _main_channel()
+    with pytest.raises(ValueError):
+        async with main.batch():
+            await main.send(SectionEnd(1))
+            raise ValueError("the migration failed")
+    assert counting.writes == 0 and main.stats.bytes == 0
+    with pytest.raises(RuntimeError, match="do not nest"):
+        async with main.batch():
+            async with main.batch():
+                pass
+    peer.close()

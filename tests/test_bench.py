@@ -388,3 +388,18 @@ def test_datapath_modes_move_every_byte(mode, extra):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     row = run.stdout.strip().splitlines()[-1].split()
     assert row[0] == "3" and float(row[1]) > 0
+
+
+# -- bench/ramp.py ----------------------------------------------------------------------------
+
+def test_ramp_times_every_variant_and_writes_its_runs(tmp_path):
+    out = tmp_path / "ramp.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "ramp.py"), "--repeat", "1", "--size", "256",
+           "--idle", "0.05", "--warm-ms", "5", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted(runs) == ["cold", "pinned", "spun", "warmed"]
+    for (early, later), in runs.values():
+        assert early > 0 and later >= 0   # 256 MiB may be done before 100 ms
+    assert run.stdout.count("ratio") == 5  # the header and one line per variant

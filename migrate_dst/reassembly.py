@@ -59,9 +59,12 @@ __all__ = ["Reassembly", "QueuedBuffer", "Target"]
 PLACE_WAIT = 0.05
 
 #: How long a packet ahead of its turn may wait for the load to make room under the
-#: caps before it is counted anyway (and then trips them): a load thread that the
-#: scheduler held back for a moment must not fail the migration.
-ROOM_WAIT = 0.05
+#: caps before it is counted anyway (and then trips them): a load held back for a
+#: moment must not fail the migration.  With 16 channels on two CPUs, the 4 MiB packet
+#: the load waits for can take longer than 50 ms to come in (``bench/results/full-25``
+#: lost a migration under a 32 MiB cap that way); for an in-order sender the wait
+#: ends as soon as it has, so only a source that reorders ever waits this long.
+ROOM_WAIT = 0.5
 
 #: Queued packets count as at least this many bytes against the device's capacity
 #: (plus CHARGE_SLACK for a short last data packet and the config packet), so their

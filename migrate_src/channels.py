@@ -106,11 +106,12 @@ class MainChannel:
         if TRACE.packets:
             self._log.debug("-> main", message=type(message).__name__,
                             payload=0 if payload is None else len(payload))
-        self.stats.packets += 1
         if self._batch is None:
             self.stats.bytes += await sendmsg_all(self.sock, parts, self.stall_timeout,
                                                   "main channel")
+            self.stats.packets += 1
             return
+        self.stats.packets += 1
         self._batch.extend(parts)
         self._batch_bytes += sum(len(part) for part in parts)
         if self._batch_bytes >= BATCH_FLUSH_BYTES or len(self._batch) >= BATCH_FLUSH_PARTS:
@@ -120,10 +121,10 @@ class MainChannel:
     async def batch(self) -> AsyncIterator[None]:
         """Gather the messages sent inside into few writes, flushed on leaving.
 
-        For a run of small records that need no answer (64 devices' FULL sections
-        are 192 of them), where each write would wake the destination's loop for a
-        record or two.  Left by an exception, the batch is
-        dropped: the migration is failing and the channel goes with it.
+        Meant for runs of small records that need no answer (64 devices' FULL
+        sections are 192 of them): written one by one, each would wake the
+        destination's loop for a record or two.  Left by an exception, the batch
+        is dropped: the migration is failing and the channel goes with it.
         """
         if self._batch is not None:
             raise RuntimeError("main channel: batches do not nest")

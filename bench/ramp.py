@@ -12,9 +12,9 @@ ratio over ``--repeat`` alternating runs:
 * ``spun``   — two other processes spin on CPU 0 and 1 for ``--warm-ms`` instead.
 
 If ``cold`` starts slower and ``pinned`` or ``warmed`` does not while ``spun`` does,
-the slow start is where the scheduler puts two tasks that have been asleep (it wakes
-the receiver on the sender's CPU until the load balancer moves it), not the CPUs'
-clock or the TCP window.  Short migrations pay that start in full::
+the slow start is where the scheduler puts two tasks that have been asleep (most
+likely the receiver woken on the sender's CPU until the load balancer moves it), not
+the CPUs' clock or the TCP window.  Short migrations pay that start in full::
 
     python bench/ramp.py --repeat 6
     python bench/ramp.py --variants cold pinned --repeat 10 --json /tmp/ramp.json

@@ -118,7 +118,7 @@ class VfioLoadHandler:
             loop = self._loop = asyncio.get_running_loop()
             self._config = loop.create_future()
             self._load_thread = threading.Thread(
-                target=self._load_data, args=(loop, self._config),
+                target=self._load_data,
                 name=f"vfio-load-{self.device.id}", daemon=True)
             self._load_thread.start()
 
@@ -217,7 +217,7 @@ class VfioLoadHandler:
             raise
         while buf is not None:  # done_with() below gives the buffer back
             if buf.is_config:
-                self._hand_config(buf)
+                self._to_load_task(buf)
                 return
             try:
                 # the delay is 0 here (unpaced device), unless write-bandwidth was set
@@ -228,13 +228,15 @@ class VfioLoadHandler:
                 raise
             buf = reassembly.done_with(buf, take_config=True)
 
-    def _hand_config(self, buf: QueuedBuffer) -> None:
-        """The config packet is next (receive thread): to the load task, which loads it."""
+    def _to_load_task(self, outcome: QueuedBuffer | BaseException) -> None:
+        """(A loading thread.)  The config buffer, in its turn, or the load's error:
+        to the load task, which loads the config or raises the error."""
         assert self._loop is not None and self._config is not None
         try:
-            self._loop.call_soon_threadsafe(_settle, self._config, buf)
+            self._loop.call_soon_threadsafe(_settle, self._config, outcome)
         except RuntimeError:  # the loop is gone: so is the migration
-            self._reassembly().done_with(buf)
+            if isinstance(outcome, QueuedBuffer):
+                self._reassembly().done_with(outcome)
 
     def _load(self, buf: QueuedBuffer) -> float:
         """Write one data buffer into the device (by whichever thread loads it); the
@@ -291,8 +293,7 @@ class VfioLoadHandler:
                        in_place=reassembly.in_place_packets, packets=reassembly.packets,
                        queued_high_water=reassembly.high_water_bytes)
 
-    def _load_data(self, loop: asyncio.AbstractEventLoop,
-                   config: asyncio.Future[QueuedBuffer]) -> None:
+    def _load_data(self) -> None:
         """The load thread: from SWITCHOVER_START on, write the data buffers strictly by
         idx into the device, then hand the config buffer to the load task."""
         assert self.reassembly is not None
@@ -316,10 +317,7 @@ class VfioLoadHandler:
             outcome = exc
         finally:
             if outcome is not None:
-                try:
-                    loop.call_soon_threadsafe(_settle, config, outcome)
-                except RuntimeError:  # the loop is gone
-                    pass
+                self._to_load_task(outcome)
 
     async def wait_loaded(self) -> None:
         """After EOF: the device must be fully loaded (joins the load task)."""

@@ -411,9 +411,7 @@ class Reassembly:
             wake = idx == self.next_idx
             taken = None
             if wake and take and not self._loading and self._base is not None:
-                taken = self._slots.pop(idx)
-                self.next_idx += 1
-                self._loading = True
+                taken = self._take_next()
                 wake = False
         if wake:
             self._arrived.set()
@@ -435,13 +433,18 @@ class Reassembly:
             with self._lock:
                 if self._closed:
                     return None
-                if self._base is not None and not self._loading:
-                    buf = self._slots.pop(self.next_idx, None)
-                    if buf is not None:
-                        self.next_idx += 1
-                        self._loading = True
-                        return buf
+                if (self._base is not None and not self._loading
+                        and self.next_idx in self._slots):
+                    return self._take_next()
             self._arrived.wait()
+
+    def _take_next(self) -> QueuedBuffer:
+        """(Lock held.)  Hand the next buffer to a loader, who loads alone until
+        :meth:`done_with`."""
+        buf = self._slots.pop(self.next_idx)
+        self.next_idx += 1
+        self._loading = True
+        return buf
 
     def done_with(self, buf: QueuedBuffer, *, take_config: bool = False
                   ) -> QueuedBuffer | None:
@@ -463,9 +466,7 @@ class Reassembly:
             nxt = self._slots.get(self.next_idx)
             wake = nxt is not None
             if wake and take_config and nxt.is_config and not self._closed:
-                taken = self._slots.pop(self.next_idx)
-                self.next_idx += 1
-                self._loading = True
+                taken = self._take_next()
                 wake = False
             room, self._room_waiters = self._room_waiters, []
         buf.release()

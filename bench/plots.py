@@ -41,17 +41,59 @@ def _err(points: list[dict[str, Any]], metric: str, scale: float = 1.0) -> tuple
     return meds, [lo, hi]
 
 
+def _matching(points: list[dict[str, Any]], others: list[dict[str, Any]]) -> list[
+        dict[str, Any] | None]:
+    """For each of ``points``, the one of ``others`` with the same mode and channels."""
+    by_mode = {(o.get("multifd"), o.get("channels")): o for o in others}
+    return [by_mode.get((p.get("multifd"), p.get("channels"))) for p in points]
+
+
+def _median(point: dict[str, Any] | None, key: str, metric: str | None = None) -> float:
+    if point is None:
+        return float("nan")
+    value = point.get("summary", {}).get(metric, {}).get("median") if metric else point.get(key)
+    return float("nan") if value is None else float(value)
+
+
+def _ratio_bars(ax: Any, x: list[int], points: list[dict[str, Any]],
+                unverified: list[dict[str, Any] | None], key: str, target: float,
+                label: str) -> None:
+    """Our ratios as bars, beside those without the RAM digest where there are any."""
+    ours = [_median(p, key) for p in points]
+    if any(u is not None for u in unverified):
+        width = 0.4
+        ax.bar([i - width / 2 for i in x], ours, width, color="tab:blue",
+               label="multifd-migrate")
+        ax.bar([i + width / 2 for i in x], [_median(u, key) for u in unverified], width,
+               color="tab:cyan", label="x-verify-ram off")
+        ax.legend(fontsize=7, loc="lower right")
+    else:
+        ax.bar(x, ours, color="tab:blue")
+    ax.axhline(target, color="red", linestyle=":")
+    ax.set_ylabel(label)
+
+
 def _throughput(result: dict[str, Any], metric: str, ratio: float, path: Path,
                 with_downtime: bool = False) -> None:
     plt = _plt()
     pts = result["points"]
     labels = [p["key"].replace(" ch", "") for p in pts]
     x = list(range(len(pts)))
-    panels = 3 if with_downtime else 2
+    # RAM: QEMU as the peer, and our runs without the digest (QEMU has none)
+    qemu = _matching(pts, result.get("qemu-points", []))
+    unverified = _matching(pts, result.get("variant-points", []))
+    with_qemu = any(q is not None for q in qemu)
+    panels = 2 + with_downtime + with_qemu
     fig, axes = plt.subplots(panels, 1, figsize=(7, 2.6 * panels), sharex=True)
     ax = axes[0]
     meds, err = _err(pts, metric)
     ax.errorbar(x, meds, yerr=err, fmt="o-", capsize=3, label="multifd-migrate (median, min-max)")
+    if any(u is not None for u in unverified):
+        ax.plot(x, [_median(u, "", metric) for u in unverified], "o-", color="tab:cyan",
+                label="multifd-migrate, x-verify-ram off (median)")
+    if with_qemu:
+        ax.plot(x, [_median(q, "", metric) for q in qemu], "^-", color="tab:green",
+                label="QEMU (median)")
     base = [p.get("iperf3-GBps") for p in pts]
     if any(b is not None for b in base):
         ax.plot(x, [b if b is not None else float("nan") for b in base], "s--", color="grey",
@@ -60,15 +102,13 @@ def _throughput(result: dict[str, Any], metric: str, ratio: float, path: Path,
                 color="red", label=f"target {ratio:g} x iperf3")
     ax.set_ylabel("GB/s")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower center", ncol=2 if with_qemu else 1)
     ax.set_title(_title(result), fontsize=8)
-    ax = axes[1]
-    ratios = [p.get("ratio") for p in pts]
-    ax.bar(x, [r if r is not None else 0 for r in ratios], color="tab:blue")
-    ax.axhline(ratio, color="red", linestyle=":")
-    ax.set_ylabel("ratio to iperf3")
+    _ratio_bars(axes[1], x, pts, unverified, "ratio", ratio, "ratio to iperf3")
+    if with_qemu:
+        _ratio_bars(axes[2], x, pts, unverified, "vs-qemu", 1.0, "ratio to QEMU")
     if with_downtime:
-        ax = axes[2]
+        ax = axes[-1]
         meds, err = _err(pts, "downtime-ms")
         ax.errorbar(x, meds, yerr=err, fmt="o-", capsize=3, color="tab:orange")
         ax.set_ylabel("downtime ms")

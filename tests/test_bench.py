@@ -135,6 +135,30 @@ def test_ours_against_qemu_pairs_the_samples_of_each_repeat():
     assert all(t.get("point") != unverified["key"] for t in result["targets"])
 
 
+def test_the_ram_plot_pairs_qemu_and_the_unverified_runs_by_channel_count(tmp_path):
+    from bench.plots import _matching, plot_all
+    from bench.scenarios import evaluate
+
+    main = _point("main", [_sample(1.0, 2.0, 0)], channels=1, multifd=False)
+    one = _point("1 ch", [_sample(2.0, 4.0, 0)], channels=1)
+    four = _point("4 ch", [_sample(3.0, 4.0, 0)])
+    qemu_main = {**_point("QEMU main", [_sample(1.0, None, 0)], channels=1, multifd=False),
+                 "peer": "qemu"}
+    qemu_four = {**_point("QEMU 4 ch", [_sample(2.0, None, 0)]), "peer": "qemu"}
+    unverified_four = _point("4 ch, x-verify-ram off", [_sample(4.0, 4.0, 0)])
+    # the same channel count as the main channel's, but multifd: never its match
+    assert _matching([main, one, four], [qemu_four, qemu_main]) == [qemu_main, None, qemu_four]
+    assert _matching([main, one, four], [unverified_four]) == [None, None, unverified_four]
+    result = evaluate({"name": "ram-throughput", "points": [main, one, four],
+                       "qemu-points": [qemu_main, qemu_four], "variant-points": [unverified_four],
+                       "measure-notes": [], "qemu-adjacent": True, "status": "ok",
+                       "config": {"qemu": {"version": "7.2.22"}}})
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is the harness's own extra (bench/requirements.txt)")
+    assert plot_all({"scenarios": {"ram-throughput": result}}, tmp_path) == ["ram-throughput.png"]
+    assert (tmp_path / "ram-throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_ab_variants_parse():
     import argparse
 

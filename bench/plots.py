@@ -48,23 +48,28 @@ def _matching(points: list[dict[str, Any]], others: list[dict[str, Any]]) -> lis
     return [by_mode.get((p.get("multifd"), p.get("channels"))) for p in points]
 
 
-def _median(point: dict[str, Any] | None, key: str, metric: str | None = None) -> float:
-    if point is None:
-        return float("nan")
-    value = point.get("summary", {}).get(metric, {}).get("median") if metric else point.get(key)
+def _value(point: dict[str, Any] | None, key: str) -> float:
+    """``point[key]`` (a ratio), NaN where there is no such point or value."""
+    value = None if point is None else point.get(key)
     return float("nan") if value is None else float(value)
+
+
+def _median(point: dict[str, Any] | None, metric: str) -> float:
+    """The median of ``metric`` over a point's samples, NaN where there is none."""
+    summary = None if point is None else point.get("summary", {}).get(metric)
+    return float("nan") if summary is None else float(summary["median"])
 
 
 def _ratio_bars(ax: Any, x: list[int], points: list[dict[str, Any]],
                 unverified: list[dict[str, Any] | None], key: str, target: float,
                 label: str) -> None:
     """Our ratios as bars, beside those without the RAM digest where there are any."""
-    ours = [_median(p, key) for p in points]
+    ours = [_value(p, key) for p in points]
     if any(u is not None for u in unverified):
         width = 0.4
         ax.bar([i - width / 2 for i in x], ours, width, color="tab:blue",
                label="multifd-migrate")
-        ax.bar([i + width / 2 for i in x], [_median(u, key) for u in unverified], width,
+        ax.bar([i + width / 2 for i in x], [_value(u, key) for u in unverified], width,
                color="tab:cyan", label="x-verify-ram off")
         ax.legend(fontsize=7, loc="lower right")
     else:
@@ -89,10 +94,10 @@ def _throughput(result: dict[str, Any], metric: str, ratio: float, path: Path,
     meds, err = _err(pts, metric)
     ax.errorbar(x, meds, yerr=err, fmt="o-", capsize=3, label="multifd-migrate (median, min-max)")
     if any(u is not None for u in unverified):
-        ax.plot(x, [_median(u, "", metric) for u in unverified], "o-", color="tab:cyan",
+        ax.plot(x, [_median(u, metric) for u in unverified], "o-", color="tab:cyan",
                 label="multifd-migrate, x-verify-ram off (median)")
     if with_qemu:
-        ax.plot(x, [_median(q, "", metric) for q in qemu], "^-", color="tab:green",
+        ax.plot(x, [_median(q, metric) for q in qemu], "^-", color="tab:green",
                 label="QEMU (median)")
     base = [p.get("iperf3-GBps") for p in pts]
     if any(b is not None for b in base):

@@ -46,7 +46,8 @@ def test_bench_quick_device_throughput(tmp_path):
         state = 128 * 1024 * 1024  # --quick: 4 devices of 32 MiB (plus headers, config)
         assert state <= m["device-bytes"] < state * 1.01
         assert m["device-GBps"] > 0 and m["downtime-ms"] > 0
-        assert m["stopcopy-ms"] <= m["downtime-ms"]
+        # (query-migrate's downtime is in whole milliseconds, rounded: up to 0.5 short)
+        assert m["stopcopy-ms"] <= m["downtime-ms"] + 0.5
         assert [name for name, _ in m["breakdown-ms"]][-1] in ("shut-received", "rest")
         assert point["summary"]["device-GBps"]["n"] == 1
     # without iperf3 there is no ratio target, but the downtime-overhead targets remain

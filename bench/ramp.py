@@ -28,7 +28,6 @@ import multiprocessing as mp
 import os
 import socket
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -155,7 +154,6 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "runs": results}, fh, indent=1)
-    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -106,16 +106,20 @@ class MainChannel:
         if TRACE.packets:
             self._log.debug("-> main", message=type(message).__name__,
                             payload=0 if payload is None else len(payload))
-        if self._batch is None:
-            self.stats.bytes += await sendmsg_all(self.sock, parts, self.stall_timeout,
-                                                  "main channel")
-            self.stats.packets += 1
-            return
+        batch = self._batch
+        if batch is None:
+            await self._write(parts)
+        else:
+            batch.extend(parts)
+            self._batch_bytes += sum(len(part) for part in parts)
         self.stats.packets += 1
-        self._batch.extend(parts)
-        self._batch_bytes += sum(len(part) for part in parts)
-        if self._batch_bytes >= BATCH_FLUSH_BYTES or len(self._batch) >= BATCH_FLUSH_PARTS:
+        if batch is not None and (self._batch_bytes >= BATCH_FLUSH_BYTES
+                                  or len(batch) >= BATCH_FLUSH_PARTS):
             await self._flush_batch()
+
+    async def _write(self, parts: Sequence[Buffer]) -> None:
+        self.stats.bytes += await sendmsg_all(self.sock, parts, self.stall_timeout,
+                                              "main channel")
 
     @contextlib.asynccontextmanager
     async def batch(self) -> AsyncIterator[None]:
@@ -139,8 +143,7 @@ class MainChannel:
         assert self._batch is not None
         parts, self._batch, self._batch_bytes = self._batch, [], 0
         if parts:
-            self.stats.bytes += await sendmsg_all(self.sock, parts, self.stall_timeout,
-                                                  "main channel")
+            await self._write(parts)
 
     def start_return_path(self) -> None:
         self._funnel.spawn(self._read_return_path(), "return-path")
